@@ -1,0 +1,36 @@
+"""Gradient combiners: a registry of multi-task weightings built on the extended NTK.
+
+``available_combiners()``, ``make_combiner(name, num_tasks, **params)`` and the
+pure function ``combine(name, grads, **params)`` are the public entry points.
+"""
+
+from mtrl_ntk.combiners import ls, ntkmtl  # noqa: F401  (registration side effects)
+from mtrl_ntk.combiners.base import (
+    CombinerOutput,
+    GradientCombiner,
+    Need,
+    TaskStats,
+    available_combiners,
+    combine,
+    combiner_class,
+    combiner_params,
+    direction_from_output,
+    make_combiner,
+    register_combiner,
+    stats_from_gradients,
+)
+
+__all__ = [
+    "CombinerOutput",
+    "GradientCombiner",
+    "Need",
+    "TaskStats",
+    "available_combiners",
+    "combine",
+    "combiner_class",
+    "combiner_params",
+    "direction_from_output",
+    "make_combiner",
+    "register_combiner",
+    "stats_from_gradients",
+]

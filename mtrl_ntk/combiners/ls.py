@@ -1,0 +1,31 @@
+"""Linear scalarisation: the mean of the task losses ("MTL SAC")."""
+
+from __future__ import annotations
+
+import torch
+
+from mtrl_ntk.combiners.base import (
+    CombinerOutput,
+    GradientCombiner,
+    Need,
+    TaskStats,
+    register_combiner,
+)
+
+
+@register_combiner("ls")
+class LinearScalarization(GradientCombiner):
+    """LS: w_i = 1/T, the gradient of the mean task loss (the plain multi-task SAC update).
+
+    Scale convention: mean of the task gradients, as mtrl's MT-SAC (one loss
+    averaged over all T*B_t samples).
+    """
+
+    need = Need.NOTHING
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__(num_tasks)
+
+    def combine(self, stats: TaskStats) -> CombinerOutput:
+        weights = torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=torch.float64)
+        return CombinerOutput(weights=weights, diagnostics={"weights": weights})

@@ -1,0 +1,272 @@
+"""Per-task gradients, their Gramian (the extended NTK) and the update, in one batched pass.
+
+Each task's loss depends only on its own samples, so with a batch grouped as
+[T, B_t, ...] the T per-task gradients (and the n mini-batch gradients of each
+task that NTKMTL's blocks need) come from one ``torch.func.vmap`` of ``grad`` over
+the task (x mini-batch) axis: about the FLOPs of one ordinary backward pass,
+instead of the T full backward passes of the research code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mtrl_ntk.combiners.base import CombinerOutput, GradientCombiner, Need, TaskStats
+
+# loss_fn(params, batch) -> (per-sample losses [B], shared representation z [B, h] or None).
+# ``batch`` holds tensors with a leading sample axis [B, ...] (always "task_ids" [B]);
+# the function must be vmap-compatible: no .item(), no RNG, no data-dependent branching.
+LossFn = Callable[[dict[str, Tensor], dict[str, Tensor]], tuple[Tensor, Tensor | None]]
+
+_JACOBIAN_NEEDS = Need.GRAMIAN | Need.JACOBIAN | Need.NTK_BLOCKS
+
+
+@dataclass
+class EngineResult:
+    """What one engine pass produced, all detached (no host synchronisation)."""
+
+    losses: Tensor  # [T] per-task mean losses
+    output: CombinerOutput
+    gramian: Tensor | None  # [T, T] Gramian of the task gradients, when computed
+    finite: Tensor  # bool scalar: losses and written gradients are all finite
+
+
+def group_batch(batch: dict[str, Tensor], num_tasks: int) -> tuple[int, int]:
+    """Check that every tensor of ``batch`` is grouped [T, B_t, ...]; return (T, B_t)."""
+    if not batch:
+        raise ValueError("empty batch")
+    shapes = {key: tuple(value.shape[:2]) for key, value in batch.items()}
+    first = next(iter(shapes.values()))
+    if any(shape != first for shape in shapes.values()) or len(first) != 2:
+        raise ValueError(f"batch tensors must all be grouped [T, B_t, ...]; got {shapes}")
+    if first[0] != num_tasks:
+        raise ValueError(f"batch has {first[0]} task rows, the engine expects {num_tasks}")
+    return first
+
+
+def _reshape_leading(batch: dict[str, Tensor], *leading: int) -> dict[str, Tensor]:
+    return {key: value.reshape(*leading, *value.shape[2:]) for key, value in batch.items()}
+
+
+def per_task_jacobian(
+    loss_fn: LossFn,
+    shared: dict[str, Tensor],
+    specific: dict[str, Tensor],
+    batch: dict[str, Tensor],
+    num_minibatches: int = 1,
+) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """Gradients of every task's loss on each of its n mini-batches, by one vmapped pass.
+
+    ``batch`` is grouped [T, B_t, ...]. Returns the Jacobian of the shared
+    parameters [T, n, d] (parameters flattened in ``shared``'s order), the
+    gradients of the task-specific parameters [T, n, *shape] per name, and the
+    mini-batch mean losses [T, n].
+    """
+    num_tasks, per_task = next(iter(batch.values())).shape[:2]
+    if per_task % num_minibatches:
+        raise ValueError(
+            f"{per_task} samples per task cannot be split into {num_minibatches} equal mini-batches"
+        )
+    slices = _reshape_leading(batch, num_tasks * num_minibatches, per_task // num_minibatches)
+
+    def slice_loss(
+        shared_params: dict[str, Tensor],
+        specific_params: dict[str, Tensor],
+        data: dict[str, Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        losses, _ = loss_fn({**shared_params, **specific_params}, data)
+        loss = losses.mean()
+        return loss, loss.detach()
+
+    grad_fn = torch.func.grad(slice_loss, argnums=(0, 1), has_aux=True)
+    (shared_grads, specific_grads), slice_losses = torch.func.vmap(
+        grad_fn, in_dims=(None, None, 0)
+    )(shared, specific, slices)
+    rows = num_tasks * num_minibatches
+    if shared_grads:
+        flat = torch.cat([g.reshape(rows, -1) for g in shared_grads.values()], dim=1)
+    else:
+        flat = slice_losses.new_zeros(rows, 0)
+    jacobian = flat.view(num_tasks, num_minibatches, -1)
+    specific_grads = {
+        name: g.view(num_tasks, num_minibatches, *g.shape[1:]) for name, g in specific_grads.items()
+    }
+    return jacobian, specific_grads, slice_losses.view(num_tasks, num_minibatches)
+
+
+class TaskGradientEngine:
+    """Computes the task statistics a combiner declares, calls it, and writes ``.grad``.
+
+    Shared parameters receive the combiner's update Σ_i w_i g_i (or its direction);
+    task-specific parameters (``is_task_specific(name)``) receive the gradient of
+    Σ_i w_i ℓ_i, i.e. their own task's gradient times its weight (weight 1 for
+    combiners that return a direction). Three paths, chosen by ``combiner.need``:
+
+    - loss-based (nothing beyond losses): one forward, the weights, one backward
+      of the weighted loss (LS, UW, DWA, RLW, SI, FAMO);
+    - representation NTK (NTKMTL-SR): one forward, a backward of the mini-batch
+      losses to z only (through the task-specific layers), the weights, one
+      backward of the weighted loss;
+    - Jacobian (Gramian methods, NTKMTL, GradDrop, MoCo): the per-task Jacobian
+      of the shared parameters by one vmapped pass, its Gramian / NTK blocks,
+      the combiner, then ``.grad = Jᵀw`` without another backward.
+
+    The caller never branches on the combiner's name: it calls ``backward`` and
+    then its optimiser's ``step``, then ``after_step``.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        num_tasks: int,
+        is_task_specific: Callable[[str], bool] = lambda name: False,
+    ) -> None:
+        self.module = module
+        self.num_tasks = num_tasks
+        self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        self.shared_names = [n for n in self.params if not is_task_specific(n)]
+        self.specific_names = [n for n in self.params if is_task_specific(n)]
+
+    def backward(
+        self, loss_fn: LossFn, batch: dict[str, Tensor], combiner: GradientCombiner
+    ) -> EngineResult:
+        """One combined gradient for ``batch`` (grouped [T, B_t, ...]) written into ``.grad``."""
+        group_batch(batch, self.num_tasks)
+        if combiner.num_tasks != self.num_tasks:
+            raise ValueError(
+                f"combiner {combiner.name!r} was built for {combiner.num_tasks} tasks, "
+                f"the engine has {self.num_tasks}"
+            )
+        need = combiner.need
+        if need & _JACOBIAN_NEEDS and self.shared_names:
+            return self._jacobian_path(loss_fn, batch, combiner)
+        if Need.REPRESENTATION_NTK in need:
+            return self._representation_path(loss_fn, batch, combiner)
+        return self._loss_path(loss_fn, batch, combiner)
+
+    @torch.no_grad()
+    def after_step(
+        self, loss_fn: LossFn, batch: dict[str, Tensor], combiner: GradientCombiner
+    ) -> None:
+        """Feed the combiner the per-task losses after the update, if it asked for them."""
+        if Need.LOSSES_AFTER_STEP not in combiner.need:
+            return
+        num_tasks, per_task = group_batch(batch, self.num_tasks)
+        losses, _ = loss_fn(self.params, _reshape_leading(batch, num_tasks * per_task))
+        combiner.update_after_step(losses.view(num_tasks, per_task).mean(dim=1).detach())
+
+    # -- the three paths -------------------------------------------------------------
+
+    def _loss_path(
+        self, loss_fn: LossFn, batch: dict[str, Tensor], combiner: GradientCombiner
+    ) -> EngineResult:
+        num_tasks, per_task = group_batch(batch, self.num_tasks)
+        losses, _ = loss_fn(self.params, _reshape_leading(batch, num_tasks * per_task))
+        task_losses = losses.view(num_tasks, per_task).mean(dim=1)  # [T]
+        stats = TaskStats(num_tasks=num_tasks, losses=task_losses.detach())
+        output = self._combine(combiner, stats, has_jacobian=False)
+        return self._backward_weighted(task_losses, output)
+
+    def _representation_path(
+        self, loss_fn: LossFn, batch: dict[str, Tensor], combiner: GradientCombiner
+    ) -> EngineResult:
+        num_tasks, per_task = group_batch(batch, self.num_tasks)
+        n = combiner.num_minibatches
+        if per_task % n:
+            raise ValueError(
+                f"{per_task} samples per task cannot be split into {n} equal mini-batches"
+            )
+        losses, representation = loss_fn(self.params, _reshape_leading(batch, num_tasks * per_task))
+        if representation is None:
+            raise ValueError(
+                f"combiner {combiner.name!r} needs the shared representation, "
+                "but the loss function returned none"
+            )
+        minibatch_losses = losses.view(num_tasks, n, per_task // n).mean(dim=2)  # [T, n]
+        # Each sample's z only feeds its own mini-batch loss, so one backward to z gives
+        # every ∂ℓ_{i,m}/∂z_u at once; summing over the mini-batch's samples gives the row
+        # of J_i(z) whose inner products are Eq. 17's kernel.
+        (z_grad,) = torch.autograd.grad(minibatch_losses.sum(), representation, retain_graph=True)
+        representation_jacobian = z_grad.reshape(num_tasks, n, per_task // n, -1).sum(dim=2)
+        task_losses = minibatch_losses.mean(dim=1)
+        stats = TaskStats(
+            num_tasks=num_tasks,
+            num_minibatches=n,
+            losses=task_losses.detach(),
+            representation_jacobian=representation_jacobian.detach(),
+        )
+        output = self._combine(combiner, stats, has_jacobian=False)
+        return self._backward_weighted(task_losses, output)
+
+    def _jacobian_path(
+        self, loss_fn: LossFn, batch: dict[str, Tensor], combiner: GradientCombiner
+    ) -> EngineResult:
+        need = combiner.need
+        shared = {n: self.params[n].detach() for n in self.shared_names}
+        specific = {n: self.params[n].detach() for n in self.specific_names}
+        jacobian, specific_grads, minibatch_losses = per_task_jacobian(
+            loss_fn, shared, specific, batch, combiner.num_minibatches
+        )
+        task_gradients = jacobian.mean(dim=1)  # [T, d]
+        # Formed in the gradients' precision (one T x d x T product), solved in float64.
+        gramian = (task_gradients @ task_gradients.T).double()
+        stats = TaskStats(
+            num_tasks=self.num_tasks,
+            num_minibatches=combiner.num_minibatches,
+            losses=minibatch_losses.mean(dim=1),
+            jacobian=jacobian,
+            gramian=gramian,
+            ntk_blocks=(
+                (jacobian @ jacobian.transpose(1, 2)).double()
+                if Need.NTK_BLOCKS in need
+                else None
+            ),
+        )
+        output = self._combine(combiner, stats, has_jacobian=True)
+        if output.direction is not None:
+            direction = output.direction.to(jacobian.dtype)
+            task_weights = torch.ones(self.num_tasks, dtype=jacobian.dtype, device=jacobian.device)
+        else:
+            task_weights = output.weights.to(dtype=jacobian.dtype, device=jacobian.device)
+            direction = task_weights @ task_gradients
+        finite = torch.isfinite(stats.losses).all() & torch.isfinite(direction).all()
+        offset = 0
+        for name in self.shared_names:
+            param = self.params[name]
+            size = param.numel()
+            param.grad = direction[offset : offset + size].view_as(param).clone()
+            offset += size
+        for name in self.specific_names:
+            grad = torch.tensordot(task_weights, specific_grads[name].mean(dim=1), dims=1)
+            self.params[name].grad = grad
+            finite = finite & torch.isfinite(grad).all()
+        return EngineResult(losses=stats.losses, output=output, gramian=gramian, finite=finite)
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _combine(
+        self, combiner: GradientCombiner, stats: TaskStats, *, has_jacobian: bool
+    ) -> CombinerOutput:
+        output = combiner.combine(stats)
+        if output.direction is not None and not has_jacobian:
+            raise ValueError(
+                f"combiner {combiner.name!r} returned a direction without declaring Need.JACOBIAN"
+            )
+        return output
+
+    def _backward_weighted(self, task_losses: Tensor, output: CombinerOutput) -> EngineResult:
+        assert output.weights is not None
+        weights = output.weights.to(dtype=task_losses.dtype, device=task_losses.device)
+        params = list(self.params.values())
+        grads = torch.autograd.grad((weights * task_losses).sum(), params, allow_unused=True)
+        finite = torch.isfinite(task_losses).all()
+        for param, grad in zip(params, grads):
+            param.grad = torch.zeros_like(param) if grad is None else grad
+            finite = finite & torch.isfinite(param.grad).all()
+        return EngineResult(
+            losses=task_losses.detach(), output=output, gramian=None, finite=finite
+        )
