@@ -4,8 +4,16 @@ from mtrl_ntk.engine.task_gradients import (
     EngineResult,
     LossFn,
     TaskGradientEngine,
+    TaskJacobian,
     group_batch,
     per_task_jacobian,
 )
 
-__all__ = ["EngineResult", "LossFn", "TaskGradientEngine", "group_batch", "per_task_jacobian"]
+__all__ = [
+    "EngineResult",
+    "LossFn",
+    "TaskGradientEngine",
+    "TaskJacobian",
+    "group_batch",
+    "per_task_jacobian",
+]

@@ -52,19 +52,78 @@ def _reshape_leading(batch: dict[str, Tensor], *leading: int) -> dict[str, Tenso
     return {key: value.reshape(*leading, *value.shape[2:]) for key, value in batch.items()}
 
 
+@dataclass
+class TaskJacobian:
+    """Per-parameter blocks of the per-task, per-mini-batch Jacobian.
+
+    Kept per parameter ([T, n, *shape] each) rather than concatenated into one
+    [T, n, d] matrix: the Gramian, the NTK blocks and the update Jᵀw are sums of
+    per-parameter products, and skipping the concatenation saves a copy of the
+    whole Jacobian (the largest memory traffic of the update).
+    """
+
+    blocks: dict[str, Tensor]  # name -> [T, n, *shape]
+    num_tasks: int
+    num_minibatches: int
+
+    def _rows(self, block: Tensor) -> Tensor:  # [T, n, k]
+        return block.reshape(self.num_tasks, self.num_minibatches, -1)
+
+    def extended_ntk(self) -> Tensor:
+        """The extended NTK J Jᵀ over all T*n mini-batch rows (paper Eq. 9), [T*n, T*n] float64.
+
+        One read of the Jacobian (the products are memory-bound, so the n² larger
+        output costs nothing); formed in the gradients' dtype, returned in float64.
+        """
+        size = self.num_tasks * self.num_minibatches
+        total = None
+        for block in self.blocks.values():
+            rows = block.reshape(size, -1)
+            product = rows @ rows.T
+            total = product if total is None else total + product
+        if total is None:
+            return torch.zeros(size, size, dtype=torch.float64)
+        return total.double()
+
+    def gramian_and_blocks(self) -> tuple[Tensor, Tensor]:
+        """G Gᵀ of the task gradients [T, T] and the NTK blocks K_ii [T, n, n], float64.
+
+        g_i is the mean of task i's n rows, so G Gᵀ is the extended NTK averaged
+        over each n x n block; K_ii are its diagonal blocks.
+        """
+        t, n = self.num_tasks, self.num_minibatches
+        ntk = self.extended_ntk().view(t, n, t, n)
+        gramian = ntk.mean(dim=(1, 3))
+        blocks = ntk.diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [T, n, n]
+        return gramian, blocks
+
+    def full(self) -> Tensor:
+        """The whole Jacobian [T, n, d], parameters in order (one concatenation)."""
+        rows = [self._rows(block) for block in self.blocks.values()]
+        if not rows:
+            return torch.zeros(self.num_tasks, self.num_minibatches, 0)
+        return torch.cat(rows, dim=2)
+
+    def weighted_sum(self, name: str, weights: Tensor) -> Tensor:
+        """Σ_i w_i g_i for one parameter, in its shape."""
+        block = self.blocks[name]
+        n = self.num_minibatches
+        # g_i is the mean of task i's n rows: contract (task, mini-batch) in one product.
+        row_weights = weights.to(block.dtype).repeat_interleave(n) / n  # [T*n]
+        return torch.tensordot(row_weights, block.flatten(0, 1), dims=1)
+
+
 def per_task_jacobian(
     loss_fn: LossFn,
     shared: dict[str, Tensor],
     specific: dict[str, Tensor],
     batch: dict[str, Tensor],
     num_minibatches: int = 1,
-) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+) -> tuple[TaskJacobian, TaskJacobian, Tensor]:
     """Gradients of every task's loss on each of its n mini-batches, by one vmapped pass.
 
-    ``batch`` is grouped [T, B_t, ...]. Returns the Jacobian of the shared
-    parameters [T, n, d] (parameters flattened in ``shared``'s order), the
-    gradients of the task-specific parameters [T, n, *shape] per name, and the
-    mini-batch mean losses [T, n].
+    ``batch`` is grouped [T, B_t, ...]. Returns the Jacobian blocks of the shared
+    and of the task-specific parameters, and the mini-batch mean losses [T, n].
     """
     num_tasks, per_task = next(iter(batch.values())).shape[:2]
     if per_task % num_minibatches:
@@ -86,16 +145,17 @@ def per_task_jacobian(
     (shared_grads, specific_grads), slice_losses = torch.func.vmap(
         grad_fn, in_dims=(None, None, 0)
     )(shared, specific, slices)
-    rows = num_tasks * num_minibatches
-    if shared_grads:
-        flat = torch.cat([g.reshape(rows, -1) for g in shared_grads.values()], dim=1)
-    else:
-        flat = slice_losses.new_zeros(rows, 0)
-    jacobian = flat.view(num_tasks, num_minibatches, -1)
-    specific_grads = {
-        name: g.view(num_tasks, num_minibatches, *g.shape[1:]) for name, g in specific_grads.items()
-    }
-    return jacobian, specific_grads, slice_losses.view(num_tasks, num_minibatches)
+    def blocks(grads: dict[str, Tensor]) -> TaskJacobian:
+        shaped = {
+            name: g.view(num_tasks, num_minibatches, *g.shape[1:]) for name, g in grads.items()
+        }
+        return TaskJacobian(shaped, num_tasks, num_minibatches)
+
+    return (
+        blocks(shared_grads),
+        blocks(specific_grads),
+        slice_losses.view(num_tasks, num_minibatches),
+    )
 
 
 class TaskGradientEngine:
@@ -208,42 +268,40 @@ class TaskGradientEngine:
         need = combiner.need
         shared = {n: self.params[n].detach() for n in self.shared_names}
         specific = {n: self.params[n].detach() for n in self.specific_names}
-        jacobian, specific_grads, minibatch_losses = per_task_jacobian(
+        shared_jacobian, specific_jacobian, minibatch_losses = per_task_jacobian(
             loss_fn, shared, specific, batch, combiner.num_minibatches
         )
-        task_gradients = jacobian.mean(dim=1)  # [T, d]
-        # Formed in the gradients' precision (one T x d x T product), solved in float64.
-        gramian = (task_gradients @ task_gradients.T).double()
+        # The Gramian is always formed (T x d x T, cheap next to the Jacobian): the trainer
+        # logs it as the task-affinity matrix. Formed in the gradients' dtype, solved in float64.
+        gramian, ntk_blocks = shared_jacobian.gramian_and_blocks()
+        jacobian = shared_jacobian.full() if Need.JACOBIAN in need else None
         stats = TaskStats(
             num_tasks=self.num_tasks,
             num_minibatches=combiner.num_minibatches,
             losses=minibatch_losses.mean(dim=1),
             jacobian=jacobian,
             gramian=gramian,
-            ntk_blocks=(
-                (jacobian @ jacobian.transpose(1, 2)).double()
-                if Need.NTK_BLOCKS in need
-                else None
-            ),
+            ntk_blocks=ntk_blocks if Need.NTK_BLOCKS in need else None,
         )
         output = self._combine(combiner, stats, has_jacobian=True)
+        dtype, device = minibatch_losses.dtype, minibatch_losses.device
+        finite = torch.isfinite(stats.losses).all()
         if output.direction is not None:
-            direction = output.direction.to(jacobian.dtype)
-            task_weights = torch.ones(self.num_tasks, dtype=jacobian.dtype, device=jacobian.device)
+            direction = output.direction.to(dtype)
+            task_weights = torch.ones(self.num_tasks, dtype=dtype, device=device)
+            offset = 0
+            for name in self.shared_names:
+                param = self.params[name]
+                param.grad = direction[offset : offset + param.numel()].view_as(param).clone()
+                offset += param.numel()
         else:
-            task_weights = output.weights.to(dtype=jacobian.dtype, device=jacobian.device)
-            direction = task_weights @ task_gradients
-        finite = torch.isfinite(stats.losses).all() & torch.isfinite(direction).all()
-        offset = 0
-        for name in self.shared_names:
-            param = self.params[name]
-            size = param.numel()
-            param.grad = direction[offset : offset + size].view_as(param).clone()
-            offset += size
+            task_weights = output.weights.to(dtype=dtype, device=device)
+            for name in self.shared_names:
+                self.params[name].grad = shared_jacobian.weighted_sum(name, task_weights)
         for name in self.specific_names:
-            grad = torch.tensordot(task_weights, specific_grads[name].mean(dim=1), dims=1)
-            self.params[name].grad = grad
-            finite = finite & torch.isfinite(grad).all()
+            self.params[name].grad = specific_jacobian.weighted_sum(name, task_weights)
+        for param in self.params.values():
+            finite = finite & torch.isfinite(param.grad).all()
         return EngineResult(losses=stats.losses, output=output, gramian=gramian, finite=finite)
 
     # -- helpers ----------------------------------------------------------------------
