@@ -228,7 +228,21 @@ class TaskGradientEngine:
         losses, _ = loss_fn(self.params, _reshape_leading(batch, num_tasks * per_task))
         task_losses = losses.view(num_tasks, per_task).mean(dim=1)  # [T]
         stats = TaskStats(num_tasks=num_tasks, losses=task_losses.detach())
-        output = self._combine(combiner, stats, has_jacobian=False)
+        if combiner.need & _JACOBIAN_NEEDS:
+            # No shared parameters (the `independent` architecture): the Jacobian of the
+            # shared parameters is [T, n, 0], its Gramian and NTK blocks are zero, and a
+            # combiner's weights only rescale each task's own network.
+            n = combiner.num_minibatches
+            stats.num_minibatches = n
+            stats.jacobian = task_losses.new_zeros(num_tasks, n, 0)
+            stats.gramian = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
+            stats.ntk_blocks = torch.zeros(num_tasks, n, n, dtype=torch.float64)
+        output = combiner.combine(stats)
+        if output.direction is not None:
+            output = CombinerOutput(
+                weights=torch.ones(num_tasks, dtype=torch.float64),
+                diagnostics={**output.diagnostics, "direction": "no shared parameters"},
+            )
         return self._backward_weighted(task_losses, output)
 
     def _representation_path(

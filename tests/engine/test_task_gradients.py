@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from mtrl_ntk.combiners import Need, make_combiner
+from mtrl_ntk.combiners import Need, available_combiners, make_combiner
 from mtrl_ntk.combiners.base import CombinerOutput, GradientCombiner, TaskStats
 from mtrl_ntk.engine import TaskGradientEngine, per_task_jacobian
 
@@ -201,3 +201,33 @@ def test_non_finite_loss_is_flagged() -> None:
     for name in ("ls", "ntkmtl"):
         result = engine.backward(loss_fn_for(model), batch, make_combiner(name, TASKS))
         assert not bool(result.finite)
+
+
+class Independent(nn.Module):
+    """One linear model per task, all parameters task-specific."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(TASKS, IN, dtype=torch.float64))
+
+    def forward(self, x: Tensor, task_ids: Tensor) -> tuple[Tensor, Tensor]:
+        return (x * self.weight[task_ids]).sum(-1), x
+
+
+@pytest.mark.parametrize("name", ["ntkmtl", "graddrop", "mgda", "ls"])
+def test_without_shared_parameters_every_combiner_gives_each_task_its_own_gradient(
+    name: str,
+) -> None:
+    if name not in available_combiners():
+        pytest.skip(f"{name} is not registered")
+    _, batch = make_problem()
+    model = Independent()
+    engine = TaskGradientEngine(model, TASKS, lambda name: True)
+    result = engine.backward(loss_fn_for(model), batch, make_combiner(name, TASKS))
+    assert bool(result.finite)
+    weights = result.output.weights.to(torch.float64)
+    for task in range(TASKS):
+        x, y = batch["x"][task], batch["y"][task]
+        loss = (((x * model.weight[task]).sum(-1) - y) ** 2).mean()
+        (own,) = torch.autograd.grad(loss, model.weight)
+        torch.testing.assert_close(model.weight.grad[task], weights[task] * own[task])

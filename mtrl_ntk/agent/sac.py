@@ -1,0 +1,406 @@
+"""Multi-task SAC whose critic and actor updates go through the task-gradient engine.
+
+One update on a batch grouped [T, B_t] (Haarnoja et al., 2018; the multi-task
+semantics of mtrl, Sodhani et al., 2021):
+
+1. TD target, without gradient: y = r + γ (1 - done) (min_k Q̄_k(s', a') - α_task log π(a'|s')),
+   a' ~ π(·|s'), Q̄ the Polyak-averaged target critic.
+2. Critic: per-sample loss (Q₁(s, a) - y)² + (Q₂(s, a) - y)² (mtrl's sum of two
+   MSEs), per-task losses balanced by the critic combiner.
+3. Actor, against the updated critic with its parameters detached: per-sample
+   loss α_task log π(ã|s) - min_k Q_k(s, ã), ã = tanh(μ + σ ε), balanced by the
+   actor combiner.
+4. Temperature (mtrl / CleanRL form): loss α_task (-log π(ã|s) - H̄), H̄ = -|A|,
+   averaged over all samples, with log π from the actor before its step.
+5. Target critic: θ̄ ← (1 - τ) θ̄ + τ θ.
+
+Each of steps 2 and 3 is ``engine.backward(loss_fn, batch, combiner)`` ->
+``optimizer.step()`` -> ``engine.after_step(...)``: the engine computes exactly
+what the combiner declares it needs and writes ``.grad``; nothing here depends on
+which combiner runs. A loss not listed in ``AgentConfig.balance`` gets the ``ls``
+combiner (the mean over tasks, plain multi-task SAC) through the same path.
+
+The Gaussian noise of both policy samples is drawn before the engine runs (the
+loss functions must be RNG-free for ``torch.func.vmap``) from the agent's own
+generator, whose state is part of ``state_dict`` so that a restored agent makes
+the identical next update.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from mtrl_ntk.agent.models import Actor, TwinCritic, check_architecture, tanh_gaussian_sample
+from mtrl_ntk.combiners.base import GradientCombiner, make_combiner
+from mtrl_ntk.engine import EngineResult, TaskGradientEngine
+
+BALANCEABLE_LOSSES = ("critic", "actor")
+
+
+class BatchLike(Protocol):
+    """A replay batch grouped by task (``mtrl_ntk.replay.Batch``)."""
+
+    obs: Tensor  # [T, B_t, D]
+    action: Tensor  # [T, B_t, A]
+    reward: Tensor  # [T, B_t]
+    next_obs: Tensor  # [T, B_t, D]
+    done: Tensor  # [T, B_t], 1.0 for terminal transitions (not for time-limit ends)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Multi-task SAC settings; the defaults are mtrl's MT10 settings (DESIGN.md).
+
+    ``balance`` lists the losses whose per-task terms go through the combiners
+    given to ``MultiTaskSAC``; the others are averaged over tasks (``ls``).
+    ``disentangled_alpha`` learns one temperature per task (mtrl's option).
+    """
+
+    arch: str = "task_encoder"
+    hidden_dim: int = 400
+    num_layers: int = 3
+    actor_lr: float = 3e-4
+    critic_lr: float = 3e-4
+    alpha_lr: float = 3e-4
+    gamma: float = 0.99
+    tau: float = 0.005
+    init_temperature: float = 1.0
+    disentangled_alpha: bool = False
+    log_std_min: float = -20.0
+    log_std_max: float = 2.0
+    task_embedding_dim: int = 50
+    balance: tuple[str, ...] = BALANCEABLE_LOSSES
+
+    def __post_init__(self) -> None:
+        check_architecture(self.arch)
+        if not isinstance(self.balance, tuple):
+            object.__setattr__(self, "balance", tuple(self.balance))
+        _check(all(name in BALANCEABLE_LOSSES for name in self.balance)
+               and len(set(self.balance)) == len(self.balance),
+               "balance", self.balance, f"distinct names among {BALANCEABLE_LOSSES}")
+        for name in ("hidden_dim", "num_layers", "task_embedding_dim"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                   name, value, "an integer >= 1")
+        for name in ("actor_lr", "critic_lr", "alpha_lr", "init_temperature"):
+            value = getattr(self, name)
+            _check(_is_real(value) and value > 0, name, value, "a number > 0")
+        _check(_is_real(self.gamma) and 0 <= self.gamma <= 1, "gamma", self.gamma, "in [0, 1]")
+        _check(_is_real(self.tau) and 0 < self.tau <= 1, "tau", self.tau, "in (0, 1]")
+        _check(isinstance(self.disentangled_alpha, bool), "disentangled_alpha",
+               self.disentangled_alpha, "a bool")
+        _check(_is_real(self.log_std_min) and _is_real(self.log_std_max)
+               and self.log_std_min < self.log_std_max,
+               "log_std_max", self.log_std_max, f"a number > log_std_min ({self.log_std_min})")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid value {value!r} for agent setting {name!r}: expected {allowed}")
+
+
+def _adam(params: list[Tensor], lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam with the fused kernel on CPU/CUDA, the foreach one elsewhere."""
+    if device.type in ("cpu", "cuda"):
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
+def _flatten_tasks(tensor: Tensor) -> Tensor:
+    """[T, B_t, ...] -> [T * B_t, ...] (task-major: task i's samples stay contiguous)."""
+    return tensor.reshape(tensor.shape[0] * tensor.shape[1], *tensor.shape[2:])
+
+
+class MultiTaskSAC:
+    """Multi-task SAC (actor, twin critic, Polyak targets, learned temperature).
+
+    ``critic_combiner`` and ``actor_combiner`` are separate instances (each keeps
+    its own state); either is replaced by ``ls`` when its loss is not in
+    ``cfg.balance``. ``seed`` seeds the generator of the policy noise.
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        num_tasks: int,
+        cfg: AgentConfig,
+        critic_combiner: GradientCombiner,
+        actor_combiner: GradientCombiner,
+        device: torch.device | str,
+        *,
+        seed: int = 0,
+    ) -> None:
+        self.device = torch.device(device)
+        self.cfg = cfg
+        self.num_tasks = num_tasks
+        self.action_dim = action_dim
+        self.target_entropy = -float(action_dim)
+        for role, combiner in (("critic", critic_combiner), ("actor", actor_combiner)):
+            if combiner.num_tasks != num_tasks:
+                raise ValueError(
+                    f"the {role} combiner {combiner.name!r} was built for {combiner.num_tasks} "
+                    f"tasks, the agent has {num_tasks}"
+                )
+        self.critic_combiner = (
+            critic_combiner if "critic" in cfg.balance else make_combiner("ls", num_tasks)
+        )
+        self.actor_combiner = (
+            actor_combiner if "actor" in cfg.balance else make_combiner("ls", num_tasks)
+        )
+
+        self.actor = Actor(
+            obs_dim, action_dim, num_tasks, arch=cfg.arch, hidden_dim=cfg.hidden_dim,
+            num_layers=cfg.num_layers, log_std_min=cfg.log_std_min,
+            log_std_max=cfg.log_std_max, task_embedding_dim=cfg.task_embedding_dim,
+        ).to(self.device)
+        self.critic = TwinCritic(
+            obs_dim, action_dim, num_tasks, arch=cfg.arch, hidden_dim=cfg.hidden_dim,
+            num_layers=cfg.num_layers, task_embedding_dim=cfg.task_embedding_dim,
+        ).to(self.device)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        # One temperature per task (disentangled) or one shared by all tasks.
+        self.log_alpha = nn.Parameter(torch.full(
+            (num_tasks if cfg.disentangled_alpha else 1,),
+            math.log(cfg.init_temperature), device=self.device,
+        ))
+
+        self.actor_optimizer = _adam(list(self.actor.parameters()), cfg.actor_lr, self.device)
+        self.critic_optimizer = _adam(list(self.critic.parameters()), cfg.critic_lr, self.device)
+        self.alpha_optimizer = _adam([self.log_alpha], cfg.alpha_lr, self.device)
+        self.critic_engine = TaskGradientEngine(
+            self.critic, num_tasks, self.critic.is_task_specific
+        )
+        self.actor_engine = TaskGradientEngine(self.actor, num_tasks, self.actor.is_task_specific)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    # -- acting ------------------------------------------------------------------------
+
+    @property
+    def alpha(self) -> Tensor:
+        """The temperature of every task, [T] (detached)."""
+        return self.log_alpha.detach().exp().expand(self.num_tasks)
+
+    @torch.no_grad()
+    def act(self, obs: Tensor, deterministic: bool) -> Tensor:
+        """Actions [T, A] for one observation per task (row i = task i): tanh(μ) or a sample."""
+        obs = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+        task_ids = torch.arange(obs.shape[0], device=self.device)
+        mean, log_std, _ = self.actor(obs, task_ids)
+        if deterministic:
+            return torch.tanh(mean)
+        noise = torch.randn(mean.shape, generator=self.generator, device=self.device)
+        action, _ = tanh_gaussian_sample(mean, log_std, noise)
+        return action
+
+    # -- the loss functions the engine differentiates (vmap-compatible) ------------------
+
+    def critic_loss(
+        self, params: dict[str, Tensor], batch: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """Per-sample (Q₁ - y)² + (Q₂ - y)² [B] and the critic's representation [B, 2h]."""
+        q1, q2, representation = functional_call(
+            self.critic, params, (batch["obs"], batch["action"], batch["task_ids"])
+        )
+        target = batch["target_q"]
+        return (q1 - target).square() + (q2 - target).square(), representation
+
+    def actor_loss(
+        self,
+        critic_params: dict[str, Tensor],
+        params: dict[str, Tensor],
+        batch: dict[str, Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        """Per-sample α_task log π(ã|s) - min_k Q_k(s, ã) [B] and the actor's representation.
+
+        ``critic_params`` are detached, so only the actor receives gradients.
+        """
+        mean, log_std, representation = functional_call(
+            self.actor, params, (batch["obs"], batch["task_ids"])
+        )
+        action, log_prob = tanh_gaussian_sample(mean, log_std, batch["noise"])
+        q1, q2, _ = functional_call(
+            self.critic, critic_params, (batch["obs"], action, batch["task_ids"])
+        )
+        return batch["alpha"] * log_prob - torch.minimum(q1, q2), representation
+
+    # -- one update ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def td_target(self, batch: BatchLike, task_ids: Tensor, noise: Tensor) -> Tensor:
+        """y = r + γ (1 - done) (min_k Q̄_k(s', a') - α_task log π(a'|s')), [T, B_t]."""
+        num_tasks, per_task = batch.reward.shape
+        flat_ids = _flatten_tasks(task_ids)
+        next_obs = _flatten_tasks(batch.next_obs)
+        mean, log_std, _ = self.actor(next_obs, flat_ids)
+        next_action, next_log_prob = tanh_gaussian_sample(mean, log_std, _flatten_tasks(noise))
+        q1, q2, _ = self.critic_target(next_obs, next_action, flat_ids)
+        alpha = self.alpha[flat_ids]  # [T * B_t]
+        next_value = (torch.minimum(q1, q2) - alpha * next_log_prob).view(num_tasks, per_task)
+        return batch.reward + self.cfg.gamma * (1.0 - batch.done) * next_value
+
+    def update(self, batch: BatchLike) -> dict[str, Tensor]:
+        """One SAC update on a batch grouped [T, B_t]; returns detached metrics (no host sync).
+
+        Metrics: ``critic_loss``, ``actor_loss``, ``alpha_loss``, ``entropy`` (scalars,
+        entropy = -mean log π), ``alpha`` ([T] with disentangled_alpha, else a
+        scalar), ``critic_task_losses`` / ``actor_task_losses`` / ``task_entropy``
+        [T], ``critic_weights`` / ``actor_weights`` [T] (when the combiner returns
+        weights), ``critic_ntk_eigenvalues`` / ``actor_ntk_eigenvalues`` [T] (when
+        the combiner reports them), ``critic_gramian`` / ``actor_gramian`` [T, T]
+        (when the engine formed it) and ``finite`` (bool: every loss and written
+        gradient was finite).
+        """
+        num_tasks, per_task = batch.reward.shape
+        if num_tasks != self.num_tasks:
+            raise ValueError(f"batch has {num_tasks} tasks, the agent has {self.num_tasks}")
+        task_ids = torch.arange(num_tasks, device=self.device).unsqueeze(1).expand(
+            num_tasks, per_task
+        )  # [T, B_t]
+        next_noise, noise = torch.randn(
+            (2, num_tasks, per_task, self.action_dim), generator=self.generator, device=self.device
+        )
+        alpha = self.alpha  # [T], before this update's temperature step
+
+        # Critic.
+        critic_batch = {
+            "obs": batch.obs,
+            "action": batch.action,
+            "task_ids": task_ids,
+            "target_q": self.td_target(batch, task_ids, next_noise),
+        }
+        critic_result = self._step(
+            self.critic_engine, self.critic_optimizer, self.critic_loss, critic_batch,
+            self.critic_combiner,
+        )
+
+        # Actor, against the critic just updated.
+        critic_params = {name: p.detach() for name, p in self.critic.named_parameters()}
+        actor_batch = {
+            "obs": batch.obs,
+            "task_ids": task_ids,
+            "noise": noise,
+            "alpha": alpha.unsqueeze(1).expand(num_tasks, per_task),
+        }
+        with torch.no_grad():  # log π of the samples the actor loss uses, for the temperature
+            mean, log_std, _ = self.actor(_flatten_tasks(batch.obs), _flatten_tasks(task_ids))
+            _, log_prob = tanh_gaussian_sample(mean, log_std, _flatten_tasks(noise))
+            log_prob = log_prob.view(num_tasks, per_task)
+        actor_result = self._step(
+            self.actor_engine, self.actor_optimizer,
+            functools.partial(self.actor_loss, critic_params), actor_batch, self.actor_combiner,
+        )
+
+        # Temperature.
+        alpha_per_sample = self.log_alpha.exp().expand(num_tasks).unsqueeze(1)  # [T, 1]
+        alpha_loss = (alpha_per_sample * (-log_prob - self.target_entropy)).mean()
+        self.alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_optimizer.step()
+
+        self.update_target()
+
+        metrics = {
+            "critic_loss": critic_result.losses.mean(),
+            "actor_loss": actor_result.losses.mean(),
+            "alpha_loss": alpha_loss.detach(),
+            "alpha": self.alpha if self.cfg.disentangled_alpha else self.alpha[0],
+            "entropy": -log_prob.mean(),
+            "task_entropy": -log_prob.mean(dim=1),
+            "critic_task_losses": critic_result.losses,
+            "actor_task_losses": actor_result.losses,
+            "finite": critic_result.finite & actor_result.finite & torch.isfinite(alpha_loss),
+        }
+        for role, result in (("critic", critic_result), ("actor", actor_result)):
+            metrics.update(_combiner_metrics(role, result))
+        return metrics
+
+    def _step(
+        self,
+        engine: TaskGradientEngine,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Any,
+        batch: dict[str, Tensor],
+        combiner: GradientCombiner,
+    ) -> EngineResult:
+        optimizer.zero_grad(set_to_none=True)
+        result = engine.backward(loss_fn, batch, combiner)
+        optimizer.step()
+        engine.after_step(loss_fn, batch, combiner)
+        return result
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """Polyak averaging θ̄ ← θ̄ + τ (θ - θ̄) of every critic parameter."""
+        torch._foreach_lerp_(
+            list(self.critic_target.parameters()), list(self.critic.parameters()), self.cfg.tau
+        )
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Networks, target critic, temperature, optimisers, both combiners, the noise RNG."""
+        return {
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "critic_target": self.critic_target.state_dict(),
+            "log_alpha": self.log_alpha.detach().clone(),
+            "actor_optimizer": self.actor_optimizer.state_dict(),
+            "critic_optimizer": self.critic_optimizer.state_dict(),
+            "alpha_optimizer": self.alpha_optimizer.state_dict(),
+            "critic_combiner": self.critic_combiner.state_dict(),
+            "actor_combiner": self.actor_combiner.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise ValueError(
+                f"agent state has keys {sorted(state)}, expected {sorted(expected)}"
+            )
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        self.critic_target.load_state_dict(state["critic_target"])
+        if state["log_alpha"].shape != self.log_alpha.shape:
+            raise ValueError(
+                f"log_alpha has shape {tuple(state['log_alpha'].shape)}, expected "
+                f"{tuple(self.log_alpha.shape)} (disentangled_alpha={self.cfg.disentangled_alpha})"
+            )
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
+        self.critic_combiner.load_state_dict(state["critic_combiner"])
+        self.actor_combiner.load_state_dict(state["actor_combiner"])
+        self.generator.set_state(state["generator"].cpu())
+
+
+def _combiner_metrics(role: str, result: EngineResult) -> dict[str, Tensor]:
+    """Weights, NTK eigenvalues and the Gramian of one engine pass, when present."""
+    metrics: dict[str, Tensor] = {}
+    weights = result.output.weights
+    if weights is None:
+        weights = result.output.diagnostics.get("weights")
+    if weights is not None:
+        metrics[f"{role}_weights"] = weights.detach()
+    eigenvalues = result.output.diagnostics.get("ntk_eigenvalues")
+    if eigenvalues is not None:
+        metrics[f"{role}_ntk_eigenvalues"] = eigenvalues.detach()
+    if result.gramian is not None:
+        metrics[f"{role}_gramian"] = result.gramian.detach()
+    return metrics
