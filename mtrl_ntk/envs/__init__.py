@@ -1,0 +1,23 @@
+"""Environment stage of the data path: Meta-World benchmarks, protocols and evaluation."""
+
+from mtrl_ntk.envs.metaworld_env import (
+    BENCHMARK_TASKS,
+    Evaluator,
+    MultiTaskEnv,
+    Policy,
+    StepResult,
+    evaluate,
+)
+from mtrl_ntk.envs.protocols import METAWORLD_MAX_PATH_LENGTH, PROTOCOLS, Protocol
+
+__all__ = [
+    "BENCHMARK_TASKS",
+    "METAWORLD_MAX_PATH_LENGTH",
+    "PROTOCOLS",
+    "Evaluator",
+    "MultiTaskEnv",
+    "Policy",
+    "Protocol",
+    "StepResult",
+    "evaluate",
+]
