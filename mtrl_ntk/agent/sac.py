@@ -157,8 +157,12 @@ class MultiTaskSAC:
         self.critic_combiner = (
             critic_combiner if "critic" in cfg.balance else make_combiner("ls", num_tasks)
         )
+        # The actor loss α log π - Q is often negative: methods defined only for positive
+        # losses (FAMO, SI, UW, DWA, MoCo) balance the critic only, as FAMO's authors do on
+        # MT10, and the actor gets the plain mean.
+        actor_balanced = "actor" in cfg.balance and not actor_combiner.needs_positive_losses
         self.actor_combiner = (
-            actor_combiner if "actor" in cfg.balance else make_combiner("ls", num_tasks)
+            actor_combiner if actor_balanced else make_combiner("ls", num_tasks)
         )
 
         self.actor = Actor(

@@ -4,7 +4,24 @@
 pure function ``combine(name, grads, **params)`` are the public entry points.
 """
 
-from mtrl_ntk.combiners import ls, ntkmtl  # noqa: F401  (registration side effects)
+from mtrl_ntk.combiners import (  # noqa: F401  (registration side effects)
+    aligned_mtl,
+    cagrad,
+    dwa,
+    fairgrad,
+    famo,
+    graddrop,
+    imtlg,
+    ls,
+    mgda,
+    moco,
+    nashmtl,
+    ntkmtl,
+    pcgrad,
+    rlw,
+    si,
+    uw,
+)
 from mtrl_ntk.combiners.base import (
     CombinerOutput,
     GradientCombiner,

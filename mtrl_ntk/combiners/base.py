@@ -58,6 +58,8 @@ class TaskStats:
         """g_i, the gradient of task i's loss on its whole batch: [T, d]."""
         if self.jacobian is None:
             raise ValueError("task_gradients needs the Jacobian (Need.JACOBIAN)")
+        if self.jacobian.shape[1] == 1:
+            return self.jacobian[:, 0]  # a view: no copy of the [T, d] matrix
         return self.jacobian.mean(dim=1)
 
 
@@ -88,6 +90,9 @@ class GradientCombiner(ABC):
     need: ClassVar[Need] = Need.NOTHING
     # Mini-batches per task the engine splits each task's batch into (NTKMTL's n).
     num_minibatches: int = 1
+    # True for methods defined only for positive losses (log-losses, loss ratios): the
+    # agent then keeps them off losses that can be negative, such as the SAC actor loss.
+    needs_positive_losses: ClassVar[bool] = False
 
     def __init__(self, num_tasks: int) -> None:
         if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
@@ -209,7 +214,8 @@ def direction_from_output(output: CombinerOutput, task_gradients: Tensor) -> Ten
     if output.direction is not None:
         return output.direction
     assert output.weights is not None
-    return output.weights.to(task_gradients.dtype) @ task_gradients
+    weights = output.weights.to(dtype=task_gradients.dtype, device=task_gradients.device)
+    return weights @ task_gradients
 
 
 def combine(name: str, grads: Tensor, *, losses: Tensor | None = None, **params: Any) -> Tensor:
