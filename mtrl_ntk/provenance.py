@@ -229,6 +229,7 @@ def write_provenance(run_dir: Path | str, argv: list[str] | None = None) -> Path
     descriptor, temporary = tempfile.mkstemp(dir=run_dir, prefix=f".{PROVENANCE_FILE}.",
                                              suffix=".tmp")
     try:
+        os.fchmod(descriptor, 0o644)  # mkstemp's 0600 would hide the record from collaborators
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             json.dump(record, handle, indent=2, sort_keys=False)
             handle.write("\n")

@@ -149,6 +149,23 @@ class MultiTaskReplayBuffer:
         picked = {name: storage[rows, self._task_index] for name, storage in self._storage.items()}
         return Batch(**picked)
 
+    @property
+    def next_row(self) -> int:
+        """The row the next `add` writes (the ring position)."""
+        return self._next_row
+
+    def rows(self, start: int, stop: int) -> dict[str, Tensor]:
+        """CPU copies of the storage rows [start, stop) (ring positions, no wrap-around),
+        each [stop - start, T, ...]: what an incremental checkpoint appends."""
+        if not 0 <= start <= stop <= self.capacity_per_task:
+            raise ValueError(
+                f"rows [{start}, {stop}) are not within the capacity {self.capacity_per_task}"
+            )
+        return {
+            name: storage[start:stop].to("cpu", copy=True)
+            for name, storage in self._storage.items()
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """The filled rows (copied to CPU: a saved slice would drag the whole storage
         along) and the write position."""

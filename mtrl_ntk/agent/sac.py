@@ -24,12 +24,19 @@ The Gaussian noise of both policy samples is drawn before the engine runs (the
 loss functions must be RNG-free for ``torch.func.vmap``) from the agent's own
 generator, whose state is part of ``state_dict`` so that a restored agent makes
 the identical next update.
+
+Nothing in ``update`` waits for the device (no ``.item()``, no host copies, no
+branching on tensor values): on a GPU the whole update is queued and the host
+can step the environments meanwhile. The exceptions are inside the combiners
+that solve on the host (the Gramian solvers copy the [T, T] Gramian once per
+engine pass). With ``compile=True`` the TD target, the temperature's policy
+forward and the engine's vmapped Jacobian / loss forward run through
+``torch.compile`` (``mtrl_ntk.compilation``: eager fallback with a warning).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -40,6 +47,7 @@ from torch.func import functional_call
 
 from mtrl_ntk.agent.models import Actor, TwinCritic, check_architecture, tanh_gaussian_sample
 from mtrl_ntk.combiners.base import GradientCombiner, make_combiner
+from mtrl_ntk.compilation import MaybeCompiled
 from mtrl_ntk.engine import EngineResult, TaskGradientEngine
 
 BALANCEABLE_LOSSES = ("critic", "actor")
@@ -129,6 +137,9 @@ class MultiTaskSAC:
     ``critic_combiner`` and ``actor_combiner`` are separate instances (each keeps
     its own state); either is replaced by ``ls`` when its loss is not in
     ``cfg.balance``. ``seed`` seeds the generator of the policy noise.
+    ``compile`` runs the update's pure tensor functions through ``torch.compile``
+    (see the module docstring); the result is the same update up to floating-point
+    rounding.
     """
 
     def __init__(
@@ -142,8 +153,10 @@ class MultiTaskSAC:
         device: torch.device | str,
         *,
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         self.device = torch.device(device)
+        self.compile = compile
         self.cfg = cfg
         self.num_tasks = num_tasks
         self.action_dim = action_dim
@@ -185,9 +198,18 @@ class MultiTaskSAC:
         self.critic_optimizer = _adam(list(self.critic.parameters()), cfg.critic_lr, self.device)
         self.alpha_optimizer = _adam([self.log_alpha], cfg.alpha_lr, self.device)
         self.critic_engine = TaskGradientEngine(
-            self.critic, num_tasks, self.critic.is_task_specific
+            self.critic, num_tasks, self.critic.is_task_specific, compile=compile
         )
-        self.actor_engine = TaskGradientEngine(self.actor, num_tasks, self.actor.is_task_specific)
+        self.actor_engine = TaskGradientEngine(
+            self.actor, num_tasks, self.actor.is_task_specific, compile=compile
+        )
+        # The same function objects at every update, so that compiled code is reused.
+        self._critic_loss_fn = self.critic_loss
+        self._actor_loss_fn = self.actor_loss_against_critic
+        self._td_target_fn = MaybeCompiled(self.td_target, "the TD target", compile)
+        self._policy_log_prob_fn = MaybeCompiled(
+            self.policy_log_prob, "the policy log-probability", compile
+        )
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
 
@@ -241,6 +263,17 @@ class MultiTaskSAC:
         )
         return batch["alpha"] * log_prob - torch.minimum(q1, q2), representation
 
+    def actor_loss_against_critic(
+        self, params: dict[str, Tensor], batch: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """``actor_loss`` against the critic's current parameters, detached.
+
+        One function object for every update (unlike a closure over the critic's
+        parameters), as ``torch.compile`` needs to reuse its code.
+        """
+        critic_params = {name: param.detach() for name, param in self.critic.named_parameters()}
+        return self.actor_loss(critic_params, params, batch)
+
     # -- one update ----------------------------------------------------------------------
 
     @torch.no_grad()
@@ -255,6 +288,14 @@ class MultiTaskSAC:
         alpha = self.alpha[flat_ids]  # [T * B_t]
         next_value = (torch.minimum(q1, q2) - alpha * next_log_prob).view(num_tasks, per_task)
         return batch.reward + self.cfg.gamma * (1.0 - batch.done) * next_value
+
+    @torch.no_grad()
+    def policy_log_prob(self, obs: Tensor, task_ids: Tensor, noise: Tensor) -> Tensor:
+        """log π(ã|s) [T, B_t] of the samples ã = tanh(μ + σ ε) for obs [T, B_t, D]."""
+        num_tasks, per_task = task_ids.shape
+        mean, log_std, _ = self.actor(_flatten_tasks(obs), _flatten_tasks(task_ids))
+        _, log_prob = tanh_gaussian_sample(mean, log_std, _flatten_tasks(noise))
+        return log_prob.view(num_tasks, per_task)
 
     def update(self, batch: BatchLike) -> dict[str, Tensor]:
         """One SAC update on a batch grouped [T, B_t]; returns detached metrics (no host sync).
@@ -284,28 +325,25 @@ class MultiTaskSAC:
             "obs": batch.obs,
             "action": batch.action,
             "task_ids": task_ids,
-            "target_q": self.td_target(batch, task_ids, next_noise),
+            "target_q": self._td_target_fn(batch, task_ids, next_noise),
         }
         critic_result = self._step(
-            self.critic_engine, self.critic_optimizer, self.critic_loss, critic_batch,
+            self.critic_engine, self.critic_optimizer, self._critic_loss_fn, critic_batch,
             self.critic_combiner,
         )
 
         # Actor, against the critic just updated.
-        critic_params = {name: p.detach() for name, p in self.critic.named_parameters()}
         actor_batch = {
             "obs": batch.obs,
             "task_ids": task_ids,
             "noise": noise,
             "alpha": alpha.unsqueeze(1).expand(num_tasks, per_task),
         }
-        with torch.no_grad():  # log π of the samples the actor loss uses, for the temperature
-            mean, log_std, _ = self.actor(_flatten_tasks(batch.obs), _flatten_tasks(task_ids))
-            _, log_prob = tanh_gaussian_sample(mean, log_std, _flatten_tasks(noise))
-            log_prob = log_prob.view(num_tasks, per_task)
+        # log π of the samples the actor loss uses, before the actor's step: for the temperature.
+        log_prob = self._policy_log_prob_fn(batch.obs, task_ids, noise)  # [T, B_t]
         actor_result = self._step(
-            self.actor_engine, self.actor_optimizer,
-            functools.partial(self.actor_loss, critic_params), actor_batch, self.actor_combiner,
+            self.actor_engine, self.actor_optimizer, self._actor_loss_fn, actor_batch,
+            self.actor_combiner,
         )
 
         # Temperature.
@@ -407,4 +445,9 @@ def _combiner_metrics(role: str, result: EngineResult) -> dict[str, Tensor]:
         metrics[f"{role}_ntk_eigenvalues"] = eigenvalues.detach()
     if result.gramian is not None:
         metrics[f"{role}_gramian"] = result.gramian.detach()
+    # Solvers report "fallback: ..." when they could not reach their method's optimum; a
+    # 0/1 tensor (from a Python string: no host sync) lets the trainer log how often.
+    status = result.output.diagnostics.get("solver_status")
+    if isinstance(status, str):
+        metrics[f"{role}_solver_fallback"] = torch.tensor(float(status.startswith("fallback")))
     return metrics

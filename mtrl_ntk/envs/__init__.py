@@ -2,6 +2,7 @@
 
 from mtrl_ntk.envs.metaworld_env import (
     BENCHMARK_TASKS,
+    EnvWorkerError,
     Evaluator,
     MultiTaskEnv,
     Policy,
@@ -14,6 +15,7 @@ __all__ = [
     "BENCHMARK_TASKS",
     "METAWORLD_MAX_PATH_LENGTH",
     "PROTOCOLS",
+    "EnvWorkerError",
     "Evaluator",
     "MultiTaskEnv",
     "Policy",

@@ -31,13 +31,27 @@ Meta-World behaviour this module relies on (metaworld 3.1.1, gymnasium 1.4):
   each task has its own independently drawn list). Each task's goal sequence is
   still i.i.d. uniform over its goals.
 - `AsyncVectorEnv` is built by Meta-World with multiprocessing's default start
-  method (fork on Linux); workers only run MuJoCo, never torch or CUDA.
+  method (fork on Linux); workers only run MuJoCo, never torch or CUDA. They are
+  forked with SIGINT, SIGTERM and SIGUSR2 blocked: a Ctrl-C, a scheduler's SIGTERM
+  or SLURM's pre-timeout SIGUSR2 reaches the whole process group, and the trainer,
+  not the workers, decides when to stop (it finishes the step and checkpoints first).
+  Workers end when the env closes or, if the trainer is killed, when their pipe to
+  it closes.
+- Meta-World cannot save the physics of a running episode, so a resumable state
+  exists only where every task's episode has just started: right after `reset()`,
+  or after a step that ended all episodes (training episodes all end together at
+  the time limit). `episode_start_state_dict()` returns it: the goal-sampler RNGs as
+  they were *before* that reset, so that `load_state_dict` + `reset()` draws the same
+  goals and returns the same observation. A state taken after the reset would make
+  the resumed env draw one goal too many (with 50 goals, another observation).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import gymnasium as gym
@@ -88,6 +102,25 @@ class StepResult:
 def _check_choice(key: str, value: Any, allowed: list[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{key}={value!r}; allowed: {', '.join(map(repr, allowed))}")
+
+
+class EnvWorkerError(RuntimeError):
+    """An async worker process died (killed, out of memory, crashed in MuJoCo)."""
+
+
+@contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Block SIGINT/SIGTERM/SIGUSR2 in this thread while worker processes are forked from it.
+
+    The children inherit the blocked mask (they never see the signals); signals that
+    arrive meanwhile stay pending and reach this process when the block ends.
+    """
+    stop_signals = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR2}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _evaluation_seed(seed: int) -> int:
@@ -148,19 +181,20 @@ class MultiTaskEnv:
 
         previous_num_goals = metaworld._N_GOALS
         try:
-            self._vector_env = gym.make_vec(
-                f"Meta-World/{benchmark.upper()}",
-                vector_strategy=vector_strategy,
-                autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
-                seed=seed,
-                use_one_hot=False,
-                num_goals=protocol.num_goals,
-                reward_function_version=protocol.reward_function_version,
-                max_episode_steps=horizon,
-                reward_normalization_method=None,
-                terminate_on_success=for_evaluation,
-                task_select="pseudorandom" if for_evaluation else "random",
-            )
+            with _stop_signals_blocked():  # async workers must not see Ctrl-C, SIGTERM, ...
+                self._vector_env = gym.make_vec(
+                    f"Meta-World/{benchmark.upper()}",
+                    vector_strategy=vector_strategy,
+                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+                    seed=seed,
+                    use_one_hot=False,
+                    num_goals=protocol.num_goals,
+                    reward_function_version=protocol.reward_function_version,
+                    max_episode_steps=horizon,
+                    reward_normalization_method=None,
+                    terminate_on_success=for_evaluation,
+                    task_select="pseudorandom" if for_evaluation else "random",
+                )
         finally:
             metaworld._N_GOALS = previous_num_goals
         self._closed = False
@@ -184,6 +218,14 @@ class MultiTaskEnv:
         self._running_return = np.zeros(self.num_tasks)  # [T] raw return so far
         self._running_success = np.zeros(self.num_tasks, dtype=bool)  # [T]
         self._needs_reset = True
+        # Async workers step between step_async and step_wait; sync envs step in step_wait.
+        self._steps_in_workers = isinstance(self._vector_env, gym.vector.AsyncVectorEnv)
+        self._pending_actions: np.ndarray | None = None  # sent by step_async, not yet collected
+        # Steps since every task's episode started together (None once they fell out of
+        # step, which only success-termination in evaluation does), and the goal-sampler
+        # states from before the reset that started them (training envs only).
+        self._episode_steps: int | None = None
+        self._samplers_before_reset: list[Any] | None = None
 
     def _check_task_order(self) -> None:
         all_tasks = metaworld_env_dict.ALL_V3_ENVIRONMENTS
@@ -198,31 +240,81 @@ class MultiTaskEnv:
     def reset(self) -> np.ndarray:
         """Start a new episode of every task; returns obs [T, D] float32."""
         self._ensure_open()
+        if self._pending_actions is not None:
+            raise RuntimeError("MultiTaskEnv.reset called between step_async() and step_wait()")
         if self.for_evaluation:
             # PseudoRandomTaskSelectWrapper shuffles its goal list when the index wraps to 0.
             self._vector_env.set_attr("current_task_idx", -1)
-        obs, _ = self._vector_env.reset()
+        self._capture_samplers_before_reset()
+        try:
+            obs, _ = self._vector_env.reset()
+        except (EOFError, ConnectionError) as error:
+            raise EnvWorkerError(self._dead_workers_message("reset")) from error
         self._running_return[:] = 0.0
         self._running_success[:] = False
         self._needs_reset = False
+        self._episode_steps = 0
         return obs.astype(np.float32)
 
     def step(self, actions: np.ndarray) -> StepResult:
         """Step every task with its action (actions [T, A]); see `StepResult`."""
+        self.step_async(actions)
+        return self.step_wait()
+
+    def step_async(self, actions: np.ndarray) -> None:
+        """Start stepping every task with its action (actions [T, A]); `step_wait` finishes.
+
+        With async workers the actions are sent and this returns at once: the T
+        simulations run in the workers while this process does something else (the
+        trainer updates the agent meanwhile). With sync sub-environments nothing
+        happens until `step_wait`. `step_async` + `step_wait` is exactly `step`; no
+        other method of this env may be called between the two.
+        """
         self._ensure_open()
         if self._needs_reset:
             raise RuntimeError("MultiTaskEnv.step called before reset()")
+        if self._pending_actions is not None:
+            raise RuntimeError("MultiTaskEnv.step_async called again before step_wait()")
         actions = np.asarray(actions, dtype=np.float32)
         if actions.shape != (self.num_tasks, self.action_dim):
             raise ValueError(
                 f"actions have shape {actions.shape}; expected (T, A) = "
                 f"({self.num_tasks}, {self.action_dim})"
             )
-        obs, raw_reward, terminated, truncated, info = self._vector_env.step(actions)
+        if self._episode_steps == self.max_episode_steps - 1:  # this step ends every episode
+            self._capture_samplers_before_reset()
+        if self._steps_in_workers:
+            try:
+                self._vector_env.step_async(actions)
+            except (EOFError, ConnectionError) as error:
+                raise EnvWorkerError(self._dead_workers_message("step")) from error
+        self._pending_actions = actions
+
+    def step_wait(self) -> StepResult:
+        """The transitions of the step that `step_async` started; see `StepResult`."""
+        self._ensure_open()
+        actions = self._pending_actions
+        if actions is None:
+            raise RuntimeError("MultiTaskEnv.step_wait called without step_async()")
+        self._pending_actions = None
+        try:
+            if self._steps_in_workers:
+                obs, raw_reward, terminated, truncated, info = self._vector_env.step_wait()
+            else:
+                obs, raw_reward, terminated, truncated, info = self._vector_env.step(actions)
+        except (EOFError, ConnectionError) as error:
+            raise EnvWorkerError(self._dead_workers_message("step")) from error
         terminated = np.asarray(terminated, dtype=bool)
         truncated = np.asarray(truncated, dtype=bool)
         raw_reward = np.asarray(raw_reward, dtype=np.float64)
         episode_end = terminated | truncated
+        if self._episode_steps is not None:
+            if episode_end.all():
+                self._episode_steps = 0
+            elif episode_end.any():
+                self._episode_steps = None  # out of step until the next reset()
+            else:
+                self._episode_steps += 1
 
         # Tasks that did not end carry this step's info; the ended ones carry the
         # reset's info, and their last step's info is in info["final_info"].
@@ -286,6 +378,57 @@ class MultiTaskEnv:
             "task_samplers": list(self._vector_env.call("get_checkpoint")),
         }
 
+    def _capture_samplers_before_reset(self) -> None:
+        # One call per episode (about 1 ms for MT10, 50 goals): cheap enough to do always.
+        if not self.for_evaluation:
+            self._samplers_before_reset = list(self._vector_env.call("get_checkpoint"))
+
+    @property
+    def at_episode_start(self) -> bool:
+        """Every task's episode has just started (after `reset()`, or after a step that
+        ended all episodes) and no step is in flight: the only moments with a resumable
+        state."""
+        return (
+            not self.for_evaluation
+            and not self._needs_reset
+            and self._pending_actions is None
+            and self._episode_steps == 0
+            and self._samplers_before_reset is not None
+        )
+
+    def episode_start_state_dict(self) -> dict[str, Any]:
+        """A state from which `load_state_dict` + `reset()` continues this env exactly.
+
+        Only at an episode start (`at_episode_start`): the reward statistics as now,
+        and the goal-sampler RNGs as they were before the reset that started the
+        current episodes, so the restored env's `reset()` redraws the same goals and
+        returns the observation this env returned then; every later step matches too
+        (the physics is deterministic). Same keys as `state_dict()`.
+        """
+        self._ensure_open()
+        if not self.at_episode_start:
+            raise RuntimeError(
+                "episode_start_state_dict() needs every episode to have just started "
+                "(right after reset(), or after the step that ended all episodes)"
+            )
+        return {
+            "reward_mean": self._reward_mean.tolist(),
+            "reward_var": self._reward_var.tolist(),
+            "task_samplers": list(self._samplers_before_reset or []),
+        }
+
+    def _dead_workers_message(self, action: str) -> str:
+        processes = getattr(self._vector_env, "processes", [])
+        dead = [
+            f"{task} (pid {process.pid}, exit code {process.exitcode})"
+            for task, process in zip(self.task_names, processes, strict=False)
+            if process.exitcode is not None
+        ]
+        return (
+            f"environment worker process(es) died during {action}: "
+            f"{', '.join(dead) or 'unknown (a pipe to a worker closed)'}"
+        )
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._ensure_open()
         for key in ("reward_mean", "reward_var"):
@@ -298,6 +441,7 @@ class MultiTaskEnv:
         self._reward_var = np.array(state["reward_var"], dtype=np.float64)
         self._vector_env.call("load_checkpoint", list(state["task_samplers"]))
         self._needs_reset = True
+        self._episode_steps = None
 
     def _ensure_open(self) -> None:
         if self._closed:
@@ -307,7 +451,11 @@ class MultiTaskEnv:
         """End the worker processes (async) and free the simulators. Idempotent."""
         if not self._closed:
             self._closed = True
-            self._vector_env.close()
+            try:
+                self._vector_env.close()
+            except (EOFError, ConnectionError):
+                # A dead worker broke the orderly shutdown: terminate the live ones.
+                self._vector_env.close(terminate=True)
 
     def __enter__(self) -> MultiTaskEnv:
         return self

@@ -1,0 +1,642 @@
+"""The training loop: collect with all T environments, update once per step, evaluate, log.
+
+One step is one step of every task's environment (T transitions into the
+replay buffer) followed, after the random warm-up, by one SAC update on a batch
+of ``batch_size / T`` transitions per task (DESIGN.md, "The data path").
+Evaluations run at the protocol's cadence (and after the last step) with
+deterministic actions.
+
+Outputs in the run directory (the contract other tools read):
+
+- ``config.yaml``: the resolved config;
+- ``provenance.json``: code version, libraries, machine, command line;
+- ``metrics.jsonl``: one JSON object per evaluation (``step``, ``transitions``,
+  ``eval/success_mean``, ``eval/success/<task>``, ``train/success_mean``,
+  ``train/success/<task>``, ``train/return/<task>``, losses, temperature,
+  ``combiner/<critic|actor>/weight/<task>`` and, for the NTK combiners,
+  ``combiner/<critic|actor>/ntk_eigenvalue/<task>``, averaged over the updates
+  since the previous evaluation); each line is flushed and fsynced; a
+  non-finite number is written as ``null``;
+- ``tb/``: TensorBoard events with the same tags plus steps/s, ETA, a
+  custom-scalars layout and the task-affinity image (the normalised Gramian);
+- ``result.json``: written atomically, only when the run finished;
+- ``checkpoints/``: the last ``train.keep_checkpoints`` checkpoints and the replay
+  segments they need (mtrl_ntk/checkpoint.py); ``resume=true`` continues from the
+  newest complete one, rolling ``metrics.jsonl`` and TensorBoard back to its step.
+
+Faults (mtrl_ntk/faults.py): a non-finite update is skipped and reported with the
+step and the task; SIGTERM/SIGINT finish the step, checkpoint at the next episode
+end and stop with exit status 128 + signal; a dead environment worker, too many
+skipped updates or a failed checkpoint write stop the run with one message
+(:class:`~mtrl_ntk.faults.RunStopped`).
+
+The update's metrics stay on the training device and are summed there; they
+reach the host (``.item()`` / ``.cpu()``) only every ``train.log_every`` steps
+and at evaluations, never in the per-step path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from mtrl_ntk.agent import MultiTaskSAC
+from mtrl_ntk.checkpoint import (
+    Checkpoint,
+    CheckpointManager,
+    check_resumed_observation,
+    config_differences,
+    load_trainer_state,
+    trainer_state,
+    truncate_metrics,
+)
+from mtrl_ntk.config import ConfigError, RunSpec, build_run_spec, make_combiners
+from mtrl_ntk.envs import EnvWorkerError, Evaluator, MultiTaskEnv, StepResult
+from mtrl_ntk.faults import RunInterrupted, RunStopped, StopSignals, UpdateGuard, poison_batch
+from mtrl_ntk.provenance import write_provenance
+from mtrl_ntk.replay import MultiTaskReplayBuffer
+from mtrl_ntk.tb_layout import affinity_image, custom_scalar_layout
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.json"
+TENSORBOARD_DIR = "tb"
+_FILE_MODE = 0o644
+
+# Agent metric -> tag. Per-task metrics ([T]) get "/<task>" appended to the tag.
+# Metrics the agent adds later and this table does not know are logged as "agent/<key>".
+_METRIC_TAGS = {
+    "critic_loss": "loss/critic",
+    "actor_loss": "loss/actor",
+    "alpha_loss": "loss/temperature",
+    "critic_task_losses": "loss/critic",
+    "actor_task_losses": "loss/actor",
+    "alpha": "temperature",
+    "entropy": "policy/entropy",
+    "task_entropy": "policy/entropy",
+    "critic_weights": "combiner/critic/weight",
+    "actor_weights": "combiner/actor/weight",
+    "critic_ntk_eigenvalues": "combiner/critic/ntk_eigenvalue",
+    "actor_ntk_eigenvalues": "combiner/actor/ntk_eigenvalue",
+    "finite": "health/finite_fraction",
+    "critic_conflicting_pairs": "combiner/critic/conflicting_pairs",
+    "actor_conflicting_pairs": "combiner/actor/conflicting_pairs",
+    "critic_solver_fallback": "combiner/critic/solver_fallback_fraction",
+    "actor_solver_fallback": "combiner/actor/solver_fallback_fraction",
+}
+# [T, T] metrics become an affinity image each evaluation, not scalars.
+_GRAMIAN_IMAGES = {
+    "critic_gramian": "combiner/critic/affinity",
+    "actor_gramian": "combiner/actor/affinity",
+}
+
+
+def conflict_counts(metrics: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Pairs of tasks whose gradients conflict (G_ij < 0, i < j), from each Gramian [T, T]."""
+    counts = {}
+    for key in _GRAMIAN_IMAGES:
+        if key in metrics:
+            gramian = metrics[key]
+            counts[key.replace("_gramian", "_conflicting_pairs")] = (
+                (gramian < 0).triu(diagonal=1).sum()
+            )
+    return counts
+
+
+class MetricAccumulator:
+    """Running sums of the agent's metric tensors since the last ``reset``, kept on device.
+
+    ``add`` only launches tensor additions (no host synchronisation); ``means``
+    moves the averages to the host once.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.count = 0
+
+    def add(self, metrics: Mapping[str, Tensor]) -> None:
+        for key, value in {**metrics, **conflict_counts(metrics)}.items():
+            value = value.detach().to(torch.float64)
+            if key in self.sums:
+                self.sums[key].add_(value)
+            else:
+                self.sums[key] = value.clone()
+        self.count += 1
+
+    def means(self) -> dict[str, np.ndarray]:
+        if not self.count:
+            return {}
+        return {key: (total / self.count).cpu().numpy() for key, total in self.sums.items()}
+
+    def reset(self) -> None:
+        self.sums.clear()
+        self.count = 0
+
+
+def metric_scalars(means: Mapping[str, np.ndarray], task_names: Sequence[str]) -> dict[str, float]:
+    """Flatten averaged agent metrics into tags: scalars keep their tag, [T] vectors get
+    one tag per task; [T, T] matrices (Gramians) are left to the affinity image."""
+    scalars: dict[str, float] = {}
+    for key, value in means.items():
+        if key in _GRAMIAN_IMAGES:
+            continue
+        tag = _METRIC_TAGS.get(key, f"agent/{key}")
+        if value.ndim == 0 or value.size == 1:
+            scalars[tag] = float(value.reshape(()))
+        elif value.shape == (len(task_names),):
+            for task, item in zip(task_names, value.tolist(), strict=True):
+                scalars[f"{tag}/{task}"] = float(item)
+        else:  # any other shape: its mean, so nothing is silently dropped
+            scalars[f"{tag}/mean"] = float(value.mean())
+    return scalars
+
+
+class EpisodeStats:
+    """Success and raw return of the training episodes that ended since the last ``reset``."""
+
+    def __init__(self, num_tasks: int) -> None:
+        self.successes = np.zeros(num_tasks)  # [T] ended episodes that succeeded
+        self.returns = np.zeros(num_tasks)  # [T] sum of their raw returns
+        self.episodes = np.zeros(num_tasks, dtype=np.int64)  # [T] ended episodes
+
+    def add(self, result: StepResult) -> None:
+        ended = result.episode_end  # [T] bool
+        if ended.any():
+            self.successes += result.episode_success & ended
+            self.returns += np.where(ended, result.episode_return, 0.0)
+            self.episodes += ended
+
+    def scalars(self, task_names: Sequence[str]) -> dict[str, float]:
+        """Per-task and mean (over tasks with an ended episode) success and return."""
+        scalars: dict[str, float] = {}
+        ended = self.episodes > 0
+        if not ended.any():
+            return scalars
+        success = self.successes[ended] / self.episodes[ended]
+        returns = self.returns[ended] / self.episodes[ended]
+        for task, rate, episode_return in zip(
+            np.asarray(task_names)[ended], success, returns, strict=True
+        ):
+            scalars[f"train/success/{task}"] = float(rate)
+            scalars[f"train/return/{task}"] = float(episode_return)
+        scalars["train/success_mean"] = float(success.mean())
+        scalars["train/return_mean"] = float(returns.mean())
+        return scalars
+
+    def reset(self) -> None:
+        self.successes[:] = 0.0
+        self.returns[:] = 0.0
+        self.episodes[:] = 0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (CUDA included)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _json_number(value: Any) -> Any:
+    """Strict JSON: a non-finite float becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write to a temporary file in the same directory, fsync, rename over ``path``."""
+    descriptor, temporary = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+    )
+    try:
+        os.fchmod(descriptor, _FILE_MODE)  # mkstemp's 0600 would hide results from collaborators
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class Trainer:
+    """One run: the environments, replay buffer, agent and loggers, and the loop over steps.
+
+    Everything a continuation needs is an attribute with a ``state_dict``
+    (``env``, ``buffer``, ``agent``, the generators) or a plain counter
+    (``step``), so a checkpoint can collect it without reaching into the loop.
+    """
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        run_dir: Path,
+        checkpoint: Checkpoint | None = None,
+        resume_hint: str = "the same command with resume=true",
+    ) -> None:
+        self.spec = spec
+        self.run_dir = run_dir
+        self.task_names = list(spec.task_names)
+        self.step = 0  # steps of all T environments done so far
+        self.last_eval: dict[str, float] = {}
+        self.env: MultiTaskEnv | None = None
+        self.evaluator: Evaluator | None = None
+        self.writer: SummaryWriter | None = None
+        self.resume_hint = resume_hint
+        self.elapsed_offset = 0.0  # training seconds of earlier sessions (resumed runs)
+        self.resumed_obs: np.ndarray | None = None  # [T, D] the checkpoint's next observation
+        self._started: float | None = None
+        self._checkpoint_due: int | None = None  # the step a periodic checkpoint is due at
+        self.checkpoints = CheckpointManager(
+            run_dir, spec.train.keep_checkpoints, kill_during=spec.debug.kill_during_checkpoint
+        )
+
+        try:
+            self._build(checkpoint)
+        except BaseException:
+            self.close()  # no worker process outlives a failed construction
+            raise
+
+    def _build(self, checkpoint: Checkpoint | None) -> None:
+        spec = self.spec
+        # Environments first: async workers are forked before torch starts its threads.
+        self.env = MultiTaskEnv(
+            spec.benchmark, spec.protocol, seed=spec.seed, vector_strategy=spec.vector_strategy
+        )
+        if self.env.task_names != self.task_names:
+            raise RuntimeError(f"env tasks {self.env.task_names} != config {self.task_names}")
+        device = spec.device
+        self.buffer = MultiTaskReplayBuffer(
+            spec.num_tasks, spec.capacity_per_task, self.env.obs_dim, self.env.action_dim, device
+        )
+        critic_combiner, actor_combiner = make_combiners(spec)
+        self.agent = MultiTaskSAC(
+            self.env.obs_dim, self.env.action_dim, spec.num_tasks, spec.agent,
+            critic_combiner, actor_combiner, device, seed=spec.seed,
+        )
+        self.sample_generator = torch.Generator(device=device)
+        self.sample_generator.manual_seed(spec.seed)
+        self.warmup_rng = np.random.default_rng(spec.seed)  # uniformly random warm-up actions
+
+        self.log_window = MetricAccumulator()  # since the last TensorBoard log
+        self.eval_window = MetricAccumulator()  # since the last evaluation
+        self.episodes = EpisodeStats(spec.num_tasks)  # training episodes since the last evaluation
+        self.guard = (
+            UpdateGuard(self.agent, self.task_names, spec.train.max_consecutive_skips)
+            if spec.train.check_finite else None
+        )
+        # A resumed run rolls TensorBoard back: events after the checkpoint's step are purged.
+        purge_step = None
+        if spec.resume:
+            purge_step = 0 if checkpoint is None else checkpoint.step + 1
+        self.writer = SummaryWriter(
+            log_dir=str(self.run_dir / TENSORBOARD_DIR), purge_step=purge_step
+        )
+        self.writer.add_custom_scalars(custom_scalar_layout(self.task_names))
+        if spec.resume:
+            self.checkpoints.resume_from(checkpoint)
+        if checkpoint is not None:
+            self.checkpoints.restore_replay(checkpoint, self.buffer)
+            load_trainer_state(self, checkpoint.state)
+
+    @property
+    def elapsed_seconds(self) -> float:
+        """Training seconds so far, earlier sessions of a resumed run included."""
+        if self._started is None:
+            return self.elapsed_offset
+        return time.perf_counter() - self._started
+
+    def ensure_evaluator(self) -> Evaluator:
+        """The evaluation env, built at first use and kept open across evaluations."""
+        if self.evaluator is None:
+            spec = self.spec
+            self.evaluator = Evaluator(
+                spec.benchmark, spec.protocol, spec.seed, vector_strategy=spec.vector_strategy
+            )
+        return self.evaluator
+
+    # -- acting ----------------------------------------------------------------------------
+
+    def _actions(self, obs: np.ndarray) -> np.ndarray:
+        """[T, A]: uniform random during warm-up, then samples of the policy."""
+        assert self.env is not None
+        if self.step < self.spec.train.warmup_steps:
+            shape = (self.spec.num_tasks, self.env.action_dim)
+            return self.warmup_rng.uniform(
+                self.env.action_low, self.env.action_high, size=shape
+            ).astype(np.float32)
+        obs_tensor = torch.as_tensor(obs, device=self.spec.device)  # [T, D]
+        return self.agent.act(obs_tensor, deterministic=False).cpu().numpy()
+
+    def _greedy_policy(self, obs: np.ndarray) -> np.ndarray:
+        obs_tensor = torch.as_tensor(obs, device=self.spec.device)  # [T, D]
+        return self.agent.act(obs_tensor, deterministic=True).cpu().numpy()
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Train for ``train.num_steps`` steps; returns the final result (also in result.json)."""
+        assert self.env is not None
+        spec, train = self.spec, self.spec.train
+        eval_every = spec.protocol.eval_every_steps
+        progress = tqdm(
+            total=train.num_steps, initial=self.step, unit="step", desc=spec.combiner_name,
+            disable=not train.progress_bar, file=sys.stderr, dynamic_ncols=True,
+            # Time-based refresh only: tqdm's adaptive miniters, tuned on the fast warm-up,
+            # would go quiet for minutes once the updates start.
+            mininterval=1.0 if sys.stderr.isatty() else 30.0, miniters=1,
+        )
+        started = time.perf_counter() - self.elapsed_offset
+        self._started = started
+        window_start, window_step, window_eval_seconds = time.perf_counter(), self.step, 0.0
+        every = train.checkpoint_every
+        self._checkpoint_due = (self.step // every + 1) * every if every else None
+        stop = StopSignals()
+        stop.install()
+        try:
+            obs = self.env.reset()  # [T, D]
+            if self.resumed_obs is not None:
+                check_resumed_observation(obs, self.resumed_obs)
+            while self.step < train.num_steps:
+                actions = self._actions(obs)  # [T, A]
+                result = self.env.step(actions)
+                done = result.terminated.astype(np.float32)  # time-limit ends are not terminal
+                self.buffer.add(obs, actions, result.reward, result.next_obs, done)
+                self.episodes.add(result)
+                obs = result.obs
+                self.step += 1
+                if self.step >= train.warmup_steps:
+                    batch = self.buffer.sample(spec.batch_per_task, self.sample_generator)
+                    metrics = self._update(batch)
+                    if metrics is not None:  # None: skipped, not finite
+                        self.log_window.add(metrics)
+                        self.eval_window.add(metrics)
+                progress.update(1)
+
+                if self.step % train.log_every == 0:
+                    now = time.perf_counter()
+                    steps_per_second = (self.step - window_step) / max(
+                        now - window_start - window_eval_seconds, 1e-9
+                    )
+                    self._log_window(steps_per_second)
+                    window_start, window_step, window_eval_seconds = now, self.step, 0.0
+                if self.step % eval_every == 0 or self.step == train.num_steps:
+                    eval_started = time.perf_counter()
+                    self._evaluate(elapsed=eval_started - started)
+                    window_eval_seconds += time.perf_counter() - eval_started
+                    progress.set_postfix(eval=f"{self.last_eval['eval/success_mean']:.2f}")
+                self._maybe_checkpoint(obs, stop)
+                if self.step == spec.debug.kill_at_step:  # test hook: a crash right here
+                    os.kill(os.getpid(), signal.SIGKILL)
+        except EnvWorkerError as error:  # training or evaluation env
+            raise RunStopped(
+                f"{error} (step {self.step}); resume from the last checkpoint with: "
+                f"{self.resume_hint}"
+            ) from error
+        finally:
+            stop.uninstall()
+            progress.close()
+        return self._finish(wall_seconds=time.perf_counter() - started)
+
+    def _update(self, batch: Any) -> dict[str, Tensor] | None:
+        """One SAC update; None when the non-finite guard skipped it."""
+        debug = self.spec.debug
+        if debug.nan_at_step is not None and (
+            debug.nan_at_step <= self.step < debug.nan_at_step + debug.nan_steps
+        ):  # test hook: NaN rewards for one task
+            task = self.task_names.index(debug.nan_task) if debug.nan_task else 0
+            batch = poison_batch(batch, task)
+        if self.guard is None:
+            return self.agent.update(batch)
+        return self.guard.update(batch, self.step)
+
+    def _maybe_checkpoint(self, obs: np.ndarray, stop: StopSignals) -> None:
+        """Write a checkpoint when one is due (or a stop signal came) and every episode has
+        just ended; after a stop signal, stop the run."""
+        assert self.env is not None and self.writer is not None
+        due = self._checkpoint_due is not None and self.step >= self._checkpoint_due
+        if not (due or stop.requested is not None) or not self.env.at_episode_start:
+            if due and self.step - self._checkpoint_due == self.env.max_episode_steps:
+                print(  # all episodes should have ended together by now
+                    f"mtrl_ntk: warning: the checkpoint due at step {self._checkpoint_due} "
+                    "finds no episode start to be written at",
+                    file=sys.stderr,
+                )
+            return
+        self.writer.flush()  # TensorBoard up to this step is on disk before the checkpoint
+        started = time.perf_counter()
+        path = self.checkpoints.save(
+            self.step, trainer_state(self, obs), self.buffer, rows_added=self.step
+        )
+        self.checkpoints.seconds_this_session += time.perf_counter() - started
+        every = self.spec.train.checkpoint_every
+        self._checkpoint_due = (self.step // every + 1) * every if every else None
+        if stop.requested is not None and self.step < self.spec.train.num_steps:
+            name = signal.Signals(stop.requested).name
+            raise RunInterrupted(
+                f"interrupted by {name} at step {self.step}; checkpoint {path.name} written. "
+                f"Resume with: {self.resume_hint}",
+                stop.requested,
+            )
+
+    # -- logging -----------------------------------------------------------------------------
+
+    def _log_window(self, steps_per_second: float) -> None:
+        assert self.writer is not None
+        scalars = metric_scalars(self.log_window.means(), self.task_names)
+        self.log_window.reset()
+        remaining = self.spec.train.num_steps - self.step
+        scalars["time/steps_per_second"] = steps_per_second
+        scalars["time/eta_hours"] = remaining / max(steps_per_second, 1e-9) / 3600.0
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, self.step)
+
+    def _evaluate(self, elapsed: float) -> None:
+        assert self.writer is not None
+        spec = self.spec
+        evaluator = self.ensure_evaluator()  # one evaluation env, kept open across evaluations
+        eval_started = time.perf_counter()
+        success = evaluator(self._greedy_policy)  # {task: rate}
+        eval_seconds = time.perf_counter() - eval_started
+
+        row: dict[str, Any] = {
+            "step": self.step,
+            "transitions": self.step * spec.num_tasks,
+            "eval/success_mean": float(np.mean([success[task] for task in self.task_names])),
+        }
+        row.update({f"eval/success/{task}": success[task] for task in self.task_names})
+        row.update(self.episodes.scalars(self.task_names))
+        means = self.eval_window.means()
+        row.update(metric_scalars(means, self.task_names))
+        row["time/elapsed_seconds"] = elapsed
+        row["time/eval_seconds"] = eval_seconds
+        if self.guard is not None:
+            row["health/skipped_updates"] = self.guard.skips_since_eval
+            self.guard.skips_since_eval = 0
+        self.episodes.reset()
+        self.eval_window.reset()
+
+        line = json.dumps({key: _json_number(value) for key, value in row.items()})
+        with (self.run_dir / METRICS_FILE).open("a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+        for tag, value in row.items():
+            if tag.startswith(("eval/", "train/", "health/")) or tag == "time/eval_seconds":
+                self.writer.add_scalar(tag, value, self.step)
+        for key, tag in _GRAMIAN_IMAGES.items():
+            if key in means:
+                self.writer.add_image(tag, affinity_image(torch.from_numpy(means[key])), self.step)
+        self.writer.flush()
+        self.last_eval = row
+
+    def _finish(self, wall_seconds: float) -> dict[str, Any]:
+        result = {
+            "status": "finished",
+            "step": self.step,
+            "transitions": self.step * self.spec.num_tasks,
+            "eval/success_mean": self.last_eval.get("eval/success_mean"),
+            **{
+                f"eval/success/{task}": self.last_eval.get(f"eval/success/{task}")
+                for task in self.task_names
+            },
+            "device": str(self.spec.device),
+            "wall_seconds": wall_seconds,
+            "steps_per_second": self.step / max(wall_seconds, 1e-9),
+            "skipped_updates": None if self.guard is None else self.guard.total_skips,
+            "checkpoints_written_this_session": self.checkpoints.saved_this_session,
+            "checkpoint_seconds_this_session": self.checkpoints.seconds_this_session,
+        }
+        _write_atomically(self.run_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
+        return result
+
+    def close(self) -> None:
+        """Close loggers and end environment workers. Safe after a partial construction."""
+        if self.writer is not None:
+            self.writer.close()
+        if self.evaluator is not None:
+            self.evaluator.close()
+        if self.env is not None:
+            self.env.close()
+
+
+def _previous_result(run_dir: Path, resume: bool = False) -> dict[str, Any] | None:
+    """The result of a run that already finished in ``run_dir``; a ConfigError for an
+    unfinished one unless ``resume`` (its metrics would be mixed with this run's)."""
+    result_path = run_dir / RESULT_FILE
+    if result_path.exists():
+        try:
+            result = json.loads(result_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            result = None
+        if isinstance(result, dict) and result.get("status") == "finished":
+            return result
+    metrics_path = run_dir / METRICS_FILE
+    has_metrics = metrics_path.exists() and metrics_path.stat().st_size > 0
+    if not resume and (has_metrics or CheckpointManager(run_dir).checkpoint_paths()):
+        raise ConfigError(
+            f"run directory {run_dir} already holds an unfinished run; continue it with "
+            "resume=true (and the same overrides), delete it, or give this run another "
+            "directory (name=... or hydra.run.dir=...)"
+        )
+    return None
+
+
+# Settings a resumed run may change: they do not change what is computed.
+_RESUMABLE_CHANGES = ("resume", "debug", "train.progress_bar")
+
+
+def _check_resumed_config(run_dir: Path, cfg: DictConfig) -> None:
+    """A resumed run must have the configuration the run directory was started with."""
+    saved_path = run_dir / CONFIG_FILE
+    if not saved_path.exists():
+        return
+    saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
+    current = OmegaConf.to_container(cfg, resolve=True)
+    differences = [
+        difference for difference in config_differences(saved, current)
+        if not difference.split(":")[0].startswith(_RESUMABLE_CHANGES)
+    ]
+    if differences:
+        raise ConfigError(
+            f"resume=true needs the settings {run_dir} was started with; changed (saved -> "
+            f"now): {'; '.join(differences[:5])}{' ...' if len(differences) > 5 else ''}"
+        )
+
+
+def _resume_hint(argv: Sequence[str]) -> str:
+    """The command that resumes this run: the typed command line plus resume=true."""
+    arguments = [argument for argument in argv[1:] if not argument.startswith("resume=")]
+    script = Path(argv[0]).name if argv else "run_mt10.py"
+    return shlex.join(["python", script, *arguments, "resume=true"])
+
+
+def train(
+    cfg: DictConfig, run_dir: Path | str | None = None, argv: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Run one training job from a composed config; returns the final result.
+
+    The config is validated (``build_run_spec``) before any environment starts;
+    invalid settings raise :class:`ConfigError`. ``run_dir`` defaults to the
+    current directory; ``argv`` is recorded in ``provenance.json``. A run
+    directory that already holds a finished run is left alone and its result
+    returned, so re-launching a sweep skips the runs that finished. One that holds
+    an unfinished run is refused unless ``resume=true``: then, with the settings it
+    was started with, it continues from its newest complete checkpoint (or from
+    scratch if it has none), with ``metrics.jsonl`` and TensorBoard rolled back to
+    that checkpoint's step. A deliberate stop raises :class:`RunStopped`.
+    """
+    spec = build_run_spec(cfg)
+    run_dir = Path.cwd() if run_dir is None else Path(run_dir)
+    argv = list(sys.argv if argv is None else argv)
+    previous = _previous_result(run_dir, resume=spec.resume)
+    if previous is not None:
+        print(f"{run_dir} already holds a finished run: skipped", file=sys.stderr)
+        return previous
+    checkpoint = None
+    if spec.resume:
+        _check_resumed_config(run_dir, cfg)
+        checkpoint = CheckpointManager(run_dir).latest()
+        last_step = 0 if checkpoint is None else checkpoint.step
+        truncate_metrics(run_dir / METRICS_FILE, last_step)  # no evaluation appears twice
+        print(
+            f"mtrl_ntk: resuming {run_dir} from "
+            + (f"{checkpoint.path.name}" if checkpoint else "scratch (no complete checkpoint)"),
+            file=sys.stderr,
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomically(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+    write_provenance(run_dir, argv)
+    seed_everything(spec.seed)
+    print(
+        f"mtrl_ntk: {spec.combiner_name} on {spec.benchmark} ({spec.num_tasks} tasks, protocol "
+        f"{spec.protocol.name}, arch {spec.agent.arch}), seed {spec.seed}, device {spec.device}, "
+        f"{spec.train.num_steps:,} steps -> {run_dir}",
+        file=sys.stderr,
+    )
+    trainer: Trainer | None = None
+    try:
+        trainer = Trainer(spec, run_dir, checkpoint=checkpoint, resume_hint=_resume_hint(argv))
+        return trainer.run()
+    finally:
+        if trainer is not None:
+            trainer.close()
