@@ -59,12 +59,9 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import random
 import re
-import signal
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +71,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mtrl_ntk.atomic import fsync_directory, write_atomically, write_text_atomically
 from mtrl_ntk.faults import RunStopped
 from mtrl_ntk.replay import MultiTaskReplayBuffer
 
@@ -83,61 +81,12 @@ if TYPE_CHECKING:
 CHECKPOINT_DIR = "checkpoints"
 REPLAY_DIR = "replay"
 FORMAT_VERSION = 1
-_FILE_MODE = 0o644
 _CHECKPOINT_NAME = re.compile(r"^step-(\d{12})\.pt$")
 _SEGMENT_NAME = re.compile(r"^rows-(\d{12})-(\d{12})\.pt$")
 
 
 class CheckpointError(RunStopped):
     """A checkpoint could not be written or read; the previous one is intact."""
-
-
-# -- atomic files --------------------------------------------------------------------------
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make renames in ``directory`` durable (some filesystems refuse; then it is a no-op)."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-def write_atomically(
-    path: Path, write: Callable[[IO[bytes]], None], *, kill_halfway: bool = False
-) -> None:
-    """``write(handle)`` into a temporary file next to ``path``, fsync, rename, fsync the dir.
-
-    On any error the temporary file is removed and ``path`` is untouched.
-    ``kill_halfway`` (test hook ``debug.kill_during_checkpoint``) writes half of the
-    bytes to the temporary file, makes them durable and SIGKILLs this process.
-    """
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                             suffix=".tmp")
-    try:
-        os.fchmod(descriptor, _FILE_MODE)
-        with os.fdopen(descriptor, "wb") as handle:
-            if kill_halfway:
-                data = io.BytesIO()
-                write(data)
-                handle.write(data.getbuffer()[: data.tell() // 2])
-                handle.flush()
-                os.fsync(handle.fileno())
-                os.kill(os.getpid(), signal.SIGKILL)
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
 
 
 def _save_torch(obj: Any) -> Callable[[IO[bytes]], None]:
@@ -264,7 +213,7 @@ def truncate_metrics(path: Path, last_step: int) -> int:
             dropped += 1
     if dropped:
         text = "".join(line + "\n" for line in kept)
-        write_atomically(path, lambda handle: handle.write(text.encode("utf-8")))
+        write_text_atomically(path, text)
     return dropped
 
 

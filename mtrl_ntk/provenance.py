@@ -28,7 +28,6 @@ import shlex
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from importlib import metadata
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import mtrl_ntk
+from mtrl_ntk.atomic import write_text_atomically
 
 PROVENANCE_FILE = "provenance.json"
 GIT_COMMIT_ENV = "MTRL_NTK_GIT_COMMIT"
@@ -226,35 +226,8 @@ def write_provenance(run_dir: Path | str, argv: list[str] | None = None) -> Path
             earlier.append({"unreadable_record": str(error)})
     if earlier:
         record["earlier_sessions"] = earlier
-    descriptor, temporary = tempfile.mkstemp(dir=run_dir, prefix=f".{PROVENANCE_FILE}.",
-                                             suffix=".tmp")
-    try:
-        os.fchmod(descriptor, 0o644)  # mkstemp's 0600 would hide the record from collaborators
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump(record, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    _fsync_directory(run_dir)
+    write_text_atomically(target, json.dumps(record, indent=2, sort_keys=False) + "\n")
     return target
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; some filesystems refuse to open directories.
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def _describe_git(git: dict[str, Any]) -> str:

@@ -41,7 +41,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -49,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
+from mtrl_ntk.atomic import write_text_atomically
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -786,27 +787,9 @@ class Report:
     notes: list[str]
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
 def _write_atomic(path: Path, data: bytes | str) -> None:
     """Write via a temporary file and rename, so a reader never sees half a file (--watch)."""
-    payload = data.encode() if isinstance(data, str) else data
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; a report is for sharing
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_text_atomically(path, data)
 
 
 def generate_report(runs_dir: Path, out_dir: Path | None = None) -> Report:

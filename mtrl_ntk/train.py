@@ -44,7 +44,6 @@ import random
 import shlex
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -58,6 +57,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from mtrl_ntk.agent import MultiTaskSAC
+from mtrl_ntk.atomic import write_text_atomically
 from mtrl_ntk.checkpoint import (
     Checkpoint,
     CheckpointManager,
@@ -218,23 +218,6 @@ def _json_number(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file in the same directory, fsync, rename over ``path``."""
-    descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        os.fchmod(descriptor, _FILE_MODE)  # mkstemp's 0600 would hide results from collaborators
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 class Trainer:
@@ -526,7 +509,7 @@ class Trainer:
             "checkpoints_written_this_session": self.checkpoints.saved_this_session,
             "checkpoint_seconds_this_session": self.checkpoints.seconds_this_session,
         }
-        _write_atomically(self.run_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
+        write_text_atomically(self.run_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
         return result
 
     def close(self) -> None:
@@ -624,7 +607,7 @@ def train(
             file=sys.stderr,
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomically(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+    write_text_atomically(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     write_provenance(run_dir, argv)
     seed_everything(spec.seed)
     print(
