@@ -192,6 +192,9 @@ class TrainSettings:
     buffer_capacity: int  # transitions over all tasks
     log_every: int
     progress_bar: bool
+    # Speed (scripts/bench_train.py).
+    overlap_env_step: bool = False  # update while the env workers simulate the step
+    compile: bool = False  # torch.compile the update's tensor functions (eager fallback)
     # Reliability (mtrl_ntk/checkpoint.py, mtrl_ntk/faults.py).
     checkpoint_every: int = 0  # steps; 0: only on SIGTERM/SIGINT
     keep_checkpoints: int = 2
@@ -401,6 +404,8 @@ def build_run_spec(cfg: DictConfig) -> RunSpec:
         buffer_capacity=_integer(train_node, "buffer_capacity", "train.", 1),
         log_every=_integer(train_node, "log_every", "train.", 1),
         progress_bar=_boolean(train_node, "progress_bar", "train."),
+        overlap_env_step=_boolean(train_node, "overlap_env_step", "train."),
+        compile=_boolean(train_node, "compile", "train."),
         checkpoint_every=_integer(train_node, "checkpoint_every", "train.", 0),
         keep_checkpoints=_integer(train_node, "keep_checkpoints", "train.", 1),
         check_finite=_boolean(train_node, "check_finite", "train."),

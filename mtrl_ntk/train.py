@@ -72,6 +72,7 @@ from mtrl_ntk.envs import EnvWorkerError, Evaluator, MultiTaskEnv, StepResult
 from mtrl_ntk.faults import RunInterrupted, RunStopped, StopSignals, UpdateGuard, poison_batch
 from mtrl_ntk.provenance import write_provenance
 from mtrl_ntk.replay import MultiTaskReplayBuffer
+from mtrl_ntk.runtime import tune_cpu_allocator
 from mtrl_ntk.tb_layout import affinity_image, custom_scalar_layout
 
 CONFIG_FILE = "config.yaml"
@@ -274,6 +275,7 @@ class Trainer:
         self.agent = MultiTaskSAC(
             self.env.obs_dim, self.env.action_dim, spec.num_tasks, spec.agent,
             critic_combiner, actor_combiner, device, seed=spec.seed,
+            compile=spec.train.compile,
         )
         self.sample_generator = torch.Generator(device=device)
         self.sample_generator.manual_seed(spec.seed)
@@ -360,18 +362,19 @@ class Trainer:
                 check_resumed_observation(obs, self.resumed_obs)
             while self.step < train.num_steps:
                 actions = self._actions(obs)  # [T, A]
-                result = self.env.step(actions)
+                # With async workers the T simulations of this step run while the learner
+                # updates on the transitions stored so far (see _maybe_update).
+                self.env.step_async(actions)
+                self.step += 1
+                if train.overlap_env_step:
+                    self._maybe_update()
+                result = self.env.step_wait()
                 done = result.terminated.astype(np.float32)  # time-limit ends are not terminal
                 self.buffer.add(obs, actions, result.reward, result.next_obs, done)
                 self.episodes.add(result)
                 obs = result.obs
-                self.step += 1
-                if self.step >= train.warmup_steps:
-                    batch = self.buffer.sample(spec.batch_per_task, self.sample_generator)
-                    metrics = self._update(batch)
-                    if metrics is not None:  # None: skipped, not finite
-                        self.log_window.add(metrics)
-                        self.eval_window.add(metrics)
+                if not train.overlap_env_step:
+                    self._maybe_update()
                 progress.update(1)
 
                 if self.step % train.log_every == 0:
@@ -398,6 +401,24 @@ class Trainer:
             stop.uninstall()
             progress.close()
         return self._finish(wall_seconds=time.perf_counter() - started)
+
+    def _maybe_update(self) -> None:
+        """This step's update, after the random warm-up; its metrics stay on the device.
+
+        With ``train.overlap_env_step`` it runs between ``env.step_async`` and
+        ``env.step_wait``, so its batch is drawn from the transitions of steps
+        1 .. step - 1 (this step's are not stored yet; the sequential order draws
+        from 1 .. step). The next step's action comes from the updated policy in
+        both orders. A step with an empty buffer (the first, when warmup_steps <= 1)
+        makes no update.
+        """
+        if self.step < self.spec.train.warmup_steps or len(self.buffer) == 0:
+            return
+        batch = self.buffer.sample(self.spec.batch_per_task, self.sample_generator)
+        metrics = self._update(batch)
+        if metrics is not None:  # None: skipped, not finite
+            self.log_window.add(metrics)
+            self.eval_window.add(metrics)
 
     def _update(self, batch: Any) -> dict[str, Tensor] | None:
         """One SAC update; None when the non-finite guard skipped it."""
@@ -610,6 +631,7 @@ def train(
     write_text_atomically(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     write_provenance(run_dir, argv)
     seed_everything(spec.seed)
+    tune_cpu_allocator()  # keep freed tensor memory: no page faults per update (runtime.py)
     print(
         f"mtrl_ntk: {spec.combiner_name} on {spec.benchmark} ({spec.num_tasks} tasks, protocol "
         f"{spec.protocol.name}, arch {spec.agent.arch}), seed {spec.seed}, device {spec.device}, "

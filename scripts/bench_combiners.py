@@ -36,6 +36,7 @@ from torch.func import functional_call
 
 from mtrl_ntk.combiners import available_combiners, make_combiner
 from mtrl_ntk.engine import TaskGradientEngine, per_task_jacobian
+from mtrl_ntk.runtime import tune_cpu_allocator
 
 OBS_DIM, ACTION_DIM = 39, 4
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
@@ -274,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs (3; quick: 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs (15; quick: 2)")
     args = parser.parse_args(argv)
+    tune_cpu_allocator()  # as the trainer: no page faults for the Jacobian's large tensors
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")

@@ -24,10 +24,9 @@ def ntk_weights(eigenvalues: Tensor, exponent: float) -> Tensor:
     """Eq. 15: w_i = (mean_j λ_j / λ_i)^p, in float64. All-zero λ gives w = 1."""
     eigenvalues = eigenvalues.double().clamp_min(0.0)
     mean = eigenvalues.mean()
-    if not bool(mean > 0):
-        return torch.ones_like(eigenvalues)
     floored = eigenvalues.clamp_min(_EIGENVALUE_FLOOR * mean)
-    return (mean / floored) ** exponent
+    # No `if mean > 0` (a host sync on a GPU): all-zero λ gives 0/0 = NaN here, replaced by 1.
+    return torch.where(mean > 0, (mean / floored) ** exponent, torch.ones_like(eigenvalues))
 
 
 def top_block_eigenvalues(rows: Tensor) -> Tensor:
@@ -77,7 +76,10 @@ class NTKMTL(GradientCombiner):
 
     def combine(self, stats: TaskStats) -> CombinerOutput:
         # λ_i from the n x n block when the engine formed it, else from the rows.
-        if stats.ntk_blocks is not None:
+        if stats.ntk_blocks is not None and stats.ntk_blocks.shape[1] == 1:
+            eigenvalues = stats.ntk_blocks[:, 0, 0].double().clamp_min(0.0)  # λ_i = ‖g_i‖²
+        elif stats.ntk_blocks is not None:
+            # eigvalsh checks its convergence on the host (a sync on a GPU); n = 1 needs none.
             eigenvalues = torch.linalg.eigvalsh(stats.ntk_blocks.double())[:, -1].clamp_min(0.0)
         else:
             if stats.jacobian is None:

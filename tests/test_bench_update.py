@@ -1,0 +1,35 @@
+"""``scripts/bench_update.py`` times the agent's full update per combiner (tiny shape here)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_json_times_every_requested_row_against_ls() -> None:
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_update.py"), "--quick", "--json",
+         "--threads", "1", "--warmup", "1", "--repeats", "2", "graddrop", "ntkmtl:2"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(completed.stdout)
+    assert list(results) == ["ls", "graddrop", "ntkmtl:2"]  # LS is always the baseline
+    for row, result in results.items():
+        for key in ("wall_ms", "cpu_ms", "wall_ratio_to_ls", "cpu_ratio_to_ls"):
+            assert math.isfinite(result[key]) and result[key] > 0, (row, key)
+    assert results["ls"]["wall_ratio_to_ls"] == results["ls"]["cpu_ratio_to_ls"] == 1.0
+
+
+def test_unknown_combiner_is_rejected_with_the_valid_names() -> None:
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_update.py"), "--quick", "ntkmlt"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
+    )
+    assert completed.returncode == 2
+    assert "unknown combiner 'ntkmlt'" in completed.stderr and "ntkmtl" in completed.stderr
