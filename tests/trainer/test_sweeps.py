@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
+import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +60,24 @@ def test_a_parallel_sweep_of_two_seeds_runs_and_relaunching_it_skips_the_finishe
     assert [(run_dir / "result.json").stat().st_mtime_ns for run_dir in run_dirs] == written
     assert [len(read_metrics(run_dir)) for run_dir in run_dirs] == [1, 1]
     assert seconds < 60
+
+    # The report on these two real runs: its table equals the runs' own final numbers.
+    out = tmp_path / "report"
+    report = subprocess.run(
+        [sys.executable, "scripts/summarize.py", str(tmp_path / "smoke"), "--out", str(out)],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    with (out / "summary.csv").open(newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    finals = [read_metrics(run_dir)[-1] for run_dir in run_dirs]
+    successes = [final["eval/success_mean"] for final in finals]
+    assert row["combiner"] == "ls" and int(row["num_seeds"]) == 2
+    assert math.isclose(float(row["success_mean"]), statistics.fmean(successes), abs_tol=1e-12)
+    stderr = statistics.stdev(successes) / math.sqrt(2)
+    assert math.isclose(float(row["success_stderr"]), stderr, abs_tol=1e-12)
+    for task in (key.split("/", 2)[2] for key in finals[0] if key.startswith("eval/success/")):
+        expected = statistics.fmean(final[f"eval/success/{task}"] for final in finals)
+        assert math.isclose(float(row[f"success/{task}"]), expected, abs_tol=1e-12)
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 2
