@@ -9,16 +9,12 @@ from torch import Tensor
 
 from mtrl_ntk.combiners.base import (
     CombinerOutput,
-    GradientCombiner,
-    Need,
-    TaskStats,
     check_param,
     register_combiner,
 )
 from mtrl_ntk.combiners.solvers import (
-    degenerate_reason,
+    GramianCombiner,
     fallback_output,
-    gramian_of,
     relative_rank_mask,
     scale_gramian,
 )
@@ -76,7 +72,7 @@ def align_gradients(gramian: Tensor, scale_mode: str) -> Alignment:
 
 
 @register_combiner("aligned_mtl")
-class AlignedMTL(GradientCombiner):
+class AlignedMTL(GramianCombiner):
     """Aligned-MTL (Senushkin et al., "Independent Component Alignment for Multi-Task
     Learning", CVPR 2023).
 
@@ -102,18 +98,13 @@ class AlignedMTL(GradientCombiner):
     authors' code).
     """
 
-    need = Need.GRAMIAN
 
     def __init__(self, num_tasks: int, *, scale_mode: str = "min") -> None:
         super().__init__(num_tasks)
         check_param(scale_mode in SCALE_MODES, "scale_mode", scale_mode, f"one of {SCALE_MODES}")
         self.scale_mode = scale_mode
 
-    def combine(self, stats: TaskStats) -> CombinerOutput:
-        gramian = gramian_of(stats, self.name)
-        reason = degenerate_reason(gramian)
-        if reason is not None:
-            return fallback_output(self.num_tasks, reason)
+    def weigh(self, gramian: Tensor) -> CombinerOutput:
         alignment = align_gradients(gramian, self.scale_mode)
         weights = alignment.balance.sum(dim=1)  # B 1 (B is symmetric)
         if not bool(torch.isfinite(weights).all()):

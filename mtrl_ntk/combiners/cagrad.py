@@ -11,18 +11,14 @@ from torch import Tensor
 from mtrl_ntk.combiners._tools import is_real
 from mtrl_ntk.combiners.base import (
     CombinerOutput,
-    GradientCombiner,
-    Need,
-    TaskStats,
     check_param,
     register_combiner,
 )
 from mtrl_ntk.combiners.solvers import (
     KKT_TOLERANCE,
+    GramianCombiner,
     SolverError,
-    degenerate_reason,
     fallback_output,
-    gramian_of,
     scale_gramian,
     simplex_qp,
 )
@@ -131,7 +127,7 @@ def cagrad_dual(gramian: Tensor, c: float, max_iterations: int = 100) -> CAGradD
 
 
 @register_combiner("cagrad")
-class CAGrad(GradientCombiner):
+class CAGrad(GramianCombiner):
     """CAGrad (Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning",
     NeurIPS 2021, Sec. 3 and Algorithm 1).
 
@@ -161,18 +157,13 @@ class CAGrad(GradientCombiner):
     ``solver_status``.
     """
 
-    need = Need.GRAMIAN
 
     def __init__(self, num_tasks: int, *, c: float = 0.4) -> None:
         super().__init__(num_tasks)
         check_param(is_real(c) and c >= 0, "c", c, "a finite real number >= 0 (0.4 in the paper)")
         self.c = float(c)
 
-    def combine(self, stats: TaskStats) -> CombinerOutput:
-        gramian = gramian_of(stats, self.name)
-        reason = degenerate_reason(gramian)
-        if reason is not None:
-            return fallback_output(self.num_tasks, reason)
+    def weigh(self, gramian: Tensor) -> CombinerOutput:
         rescale = 1.0 / (1.0 + self.c**2)
         mean_weights = torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=torch.float64)
         mean_norm_squared = float(mean_weights @ gramian @ mean_weights)

@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import math
 
+from torch import Tensor
+
 from mtrl_ntk.combiners._tools import is_real
 from mtrl_ntk.combiners.base import (
     CombinerOutput,
-    GradientCombiner,
-    Need,
-    TaskStats,
     check_param,
     register_combiner,
 )
 from mtrl_ntk.combiners.solvers import (
-    degenerate_reason,
-    fallback_output,
-    gramian_of,
+    GramianCombiner,
     power_balance_weights,
 )
 
 
 @register_combiner("fairgrad")
-class FairGrad(GradientCombiner):
+class FairGrad(GramianCombiner):
     """FairGrad (Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024).
 
     The update d = Σ_i w_i g_i maximises the α-fair utility Σ_i (g_iᵀd)^(1-α)/(1-α)
@@ -48,7 +45,6 @@ class FairGrad(GradientCombiner):
     ``solver_status`` saying so.
     """
 
-    need = Need.GRAMIAN
 
     def __init__(self, num_tasks: int, *, alpha: float = 1.0) -> None:
         super().__init__(num_tasks)
@@ -58,11 +54,7 @@ class FairGrad(GradientCombiner):
         )
         self.alpha = float(alpha)
 
-    def combine(self, stats: TaskStats) -> CombinerOutput:
-        gramian = gramian_of(stats, self.name)
-        reason = degenerate_reason(gramian)
-        if reason is not None:
-            return fallback_output(self.num_tasks, reason)
+    def weigh(self, gramian: Tensor) -> CombinerOutput:
         weights, diagnostics = power_balance_weights(gramian, power=1.0 / self.alpha)
         return CombinerOutput(weights=weights, diagnostics={"weights": weights, **diagnostics})
 

@@ -7,15 +7,11 @@ from torch import Tensor
 
 from mtrl_ntk.combiners.base import (
     CombinerOutput,
-    GradientCombiner,
-    Need,
-    TaskStats,
     register_combiner,
 )
 from mtrl_ntk.combiners.solvers import (
-    degenerate_reason,
+    GramianCombiner,
     fallback_output,
-    gramian_of,
     relative_rank_mask,
     scale_gramian,
 )
@@ -59,7 +55,7 @@ def equal_projection_weights(gramian: Tensor) -> tuple[Tensor | None, str]:
 
 
 @register_combiner("imtlg")
-class IMTLG(GradientCombiner):
+class IMTLG(GramianCombiner):
     """IMTL-G (Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021, Sec. 3.2).
 
     The update d = Σ_i α_i g_i with Σ_i α_i = 1 has equal projections onto every
@@ -80,16 +76,11 @@ class IMTLG(GradientCombiner):
     IMTL-L's loss scaling is not part of this method.
     """
 
-    need = Need.GRAMIAN
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__(num_tasks)
 
-    def combine(self, stats: TaskStats) -> CombinerOutput:
-        gramian = gramian_of(stats, self.name)
-        reason = degenerate_reason(gramian)
-        if reason is not None:
-            return fallback_output(self.num_tasks, reason)
+    def weigh(self, gramian: Tensor) -> CombinerOutput:
         weights, status = equal_projection_weights(gramian)
         if weights is None:
             return fallback_output(self.num_tasks, status)

@@ -7,16 +7,12 @@ from torch import Tensor
 
 from mtrl_ntk.combiners.base import (
     CombinerOutput,
-    GradientCombiner,
-    Need,
-    TaskStats,
     register_combiner,
 )
 from mtrl_ntk.combiners.solvers import (
+    GramianCombiner,
     SolverError,
-    degenerate_reason,
     fallback_output,
-    gramian_of,
     scale_gramian,
     simplex_qp,
 )
@@ -42,7 +38,7 @@ def min_norm_weights(gramian: Tensor) -> tuple[Tensor, dict[str, object]]:
 
 
 @register_combiner("mgda")
-class MGDA(GradientCombiner):
+class MGDA(GramianCombiner):
     """MGDA (Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization",
     NeurIPS 2018, Sec. 3; Désidéri 2012).
 
@@ -67,16 +63,11 @@ class MGDA(GradientCombiner):
     solve falls back to LS weights 1/T, reported in ``solver_status``.
     """
 
-    need = Need.GRAMIAN
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__(num_tasks)
 
-    def combine(self, stats: TaskStats) -> CombinerOutput:
-        gramian = gramian_of(stats, self.name)
-        reason = degenerate_reason(gramian)
-        if reason is not None:
-            return fallback_output(self.num_tasks, reason)
+    def weigh(self, gramian: Tensor) -> CombinerOutput:
         try:
             weights, diagnostics = min_norm_weights(gramian)
         except SolverError as error:

@@ -9,21 +9,16 @@ from torch import Tensor
 
 from mtrl_ntk.combiners.base import (
     CombinerOutput,
-    GradientCombiner,
-    Need,
-    TaskStats,
     register_combiner,
 )
 from mtrl_ntk.combiners.solvers import (
-    degenerate_reason,
-    fallback_output,
-    gramian_of,
+    GramianCombiner,
     power_balance_weights,
 )
 
 
 @register_combiner("nashmtl")
-class NashMTL(GradientCombiner):
+class NashMTL(GramianCombiner):
     """Nash-MTL (Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022, Sec. 3).
 
     The update d = Σ_i a_i g_i maximises Σ_i log(g_iᵀd) over the ball ‖d‖ <= ε;
@@ -58,17 +53,12 @@ class NashMTL(GradientCombiner):
     a_i = 1/‖g_i‖ are used and ``solver_status`` says so.
     """
 
-    need = Need.GRAMIAN
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__(num_tasks)
         self.warm_start: Tensor | None = None  # [T] the previous solution a
 
-    def combine(self, stats: TaskStats) -> CombinerOutput:
-        gramian = gramian_of(stats, self.name)
-        reason = degenerate_reason(gramian)
-        if reason is not None:
-            return fallback_output(self.num_tasks, reason)
+    def weigh(self, gramian: Tensor) -> CombinerOutput:
         weights, diagnostics = power_balance_weights(gramian, power=1.0, start=self.warm_start)
         if not diagnostics["solver_status"].startswith("fallback"):  # type: ignore[union-attr]
             self.warm_start = weights.clone()

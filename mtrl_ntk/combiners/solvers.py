@@ -29,12 +29,13 @@ Two conventions hold for every combiner that uses this module:
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from mtrl_ntk.combiners.base import CombinerOutput, TaskStats
+from mtrl_ntk.combiners.base import CombinerOutput, GradientCombiner, Need, TaskStats
 
 # A gradient whose norm is below this fraction of the largest task norm is treated as
 # exactly zero: in any sum with the other tasks' gradients it is below float64 rounding,
@@ -384,3 +385,25 @@ def relative_rank_mask(eigenvalues: Tensor) -> Tensor:
     """Eigenvalues of a cosine matrix that are nonzero at float64 resolution (n · eps · max)."""
     size = eigenvalues.shape[0]
     return eigenvalues > size * _EPS * eigenvalues.max().clamp_min(0.0)
+
+
+class GramianCombiner(GradientCombiner):
+    """A weighting of the task Gramian GGᵀ, solved in float64 on the CPU.
+
+    The shared part of the solver-based methods: a non-finite or all-zero
+    Gramian gets the documented fallback (LS weights, reported in
+    ``solver_status``); otherwise ``weigh`` maps the symmetric Gramian to weights.
+    """
+
+    need = Need.GRAMIAN
+
+    def combine(self, stats: TaskStats) -> CombinerOutput:
+        gramian = gramian_of(stats, self.name)
+        reason = degenerate_reason(gramian)
+        if reason is not None:
+            return fallback_output(self.num_tasks, reason)
+        return self.weigh(gramian)
+
+    @abstractmethod
+    def weigh(self, gramian: Tensor) -> CombinerOutput:
+        """Weights from a finite Gramian [T, T] (float64, CPU) with a positive diagonal."""
