@@ -453,9 +453,18 @@ class MultiTaskEnv:
             self._closed = True
             try:
                 self._vector_env.close()
-            except (EOFError, ConnectionError):
-                # A dead worker broke the orderly shutdown: terminate the live ones.
-                self._vector_env.close(terminate=True)
+            except (EOFError, OSError):
+                # A dead worker broke the orderly shutdown (its pipe fails before the
+                # others are told to close), and the vector env now counts as closed, so a
+                # second close() would do nothing: terminate the live workers directly, or
+                # multiprocessing's exit handler waits for them forever.
+                # SIGKILL: the workers block SIGTERM (see the fork in __init__).
+                workers = getattr(self._vector_env, "processes", [])
+                for process in workers:
+                    if process.is_alive():
+                        process.kill()
+                for process in workers:
+                    process.join(timeout=10)
 
     def __enter__(self) -> MultiTaskEnv:
         return self
