@@ -52,6 +52,8 @@ class TaskStats:
     gramian: Tensor | None = None  # [T, T] float64, G Gᵀ with G = jacobian.mean(1)
     ntk_blocks: Tensor | None = None  # [T, n, n] float64, diagonal blocks K_ii of the extended NTK
     representation_jacobian: Tensor | None = None  # [T, n, h], gradients w.r.t. z (Eq. 17)
+    # The combiner's random numbers for this update, from its ``draw_random`` (or None).
+    random: Tensor | None = None
 
     @property
     def task_gradients(self) -> Tensor:
@@ -105,6 +107,20 @@ class GradientCombiner(ABC):
 
     def update_after_step(self, losses_after: Tensor) -> None:  # noqa: B027 - optional hook
         """Per-task losses [T] recomputed after the update (only with Need.LOSSES_AFTER_STEP)."""
+
+    def draw_random(self, shared_dim: int, device: torch.device) -> Tensor | None:
+        """Random numbers for the next ``combine``, drawn eagerly from the combiner's own
+        generator (``shared_dim`` = d, the number of shared parameters); None if it needs none.
+        """
+        return None
+
+    def to(self, device: torch.device | str) -> GradientCombiner:
+        """Move the state tensors to ``device`` (before the first update); returns self."""
+        return self
+
+    def state_tensors(self) -> list[Tensor]:
+        """The state tensors ``combine``/``update_after_step`` update in place (for the guard)."""
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         """State a checkpoint must keep (empty for stateless combiners)."""

@@ -1,0 +1,113 @@
+"""Machine-independent measures of an update: ATen ops (GPU kernel launches) and host syncs.
+
+On a GPU an eager update costs about one kernel launch per ATen op, and every
+read of a device value on the host (``.item()``, ``bool(t)``, ``nonzero``, a
+boolean-mask index, a ``torch.linalg`` call that checks its ``info``) stalls the
+host until the GPU's queue drains, and makes CUDA-graph capture impossible.
+``OpCounter`` counts both on any device, the CPU included, with a
+``TorchDispatchMode`` that sees every ATen op the update dispatches (inside
+``torch.func`` transforms too, after their batching rules).
+
+    with OpCounter() as counter:
+        agent.update(batch)
+    counter.total, counter.syncs      # ATen ops, and the ones that synchronise
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+# Ops that read a device value on the host (or whose output shape depends on values).
+# The torch.linalg kernels listed check their LAPACK/cuSOLVER ``info`` on the host on
+# CUDA (``_linalg_check_errors`` is the explicit form of that check); their ``*_ex``
+# variants (cholesky_ex, solve_ex, inv_ex) return ``info`` as a tensor instead.
+SYNC_OPS = frozenset({
+    "aten._local_scalar_dense",
+    "aten.nonzero",
+    "aten.nonzero_static",  # static shape, but CUDA's kernel still reads the count
+    "aten.is_nonzero",
+    "aten.equal",
+    "aten.masked_select",
+    "aten._unique",
+    "aten._unique2",
+    "aten.unique_dim",
+    "aten.unique_consecutive",
+    "aten.repeat_interleave",  # with a tensor of repeats: the output size is data
+    "aten._linalg_check_errors",
+    "aten._linalg_eigh",
+    "aten.linalg_eig",
+    "aten._linalg_svd",
+    "aten.linalg_lstsq",
+    "aten._assert_async",
+    "aten._pin_memory",
+})
+
+
+def _packet_name(func: Any) -> str:
+    name = str(func.overloadpacket)  # e.g. "aten.add_"
+    return name if name.startswith("aten.") else f"aten.{name}"
+
+
+def _is_sync(func: Any, args: tuple, kwargs: dict) -> bool:
+    name = _packet_name(func)
+    if name in SYNC_OPS:
+        if name == "aten.repeat_interleave":
+            return isinstance(args[0], torch.Tensor) and len(args) >= 1 and (
+                len(args) < 2 or isinstance(args[1], torch.Tensor)
+            ) and not isinstance(kwargs.get("output_size"), int)
+        return True
+    if name in ("aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_"):
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        return any(
+            isinstance(index, torch.Tensor) and index.dtype in (torch.bool, torch.uint8)
+            for index in indices or ()
+        )
+    if name in ("aten._to_copy", "aten.copy_", "aten.to"):
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        devices = {t.device.type for t in tensors}
+        target = kwargs.get("device")
+        if target is not None:
+            devices.add(torch.device(target).type)
+        return len(devices) > 1  # a copy between the host and a device
+    return False
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched inside the ``with`` block, and the host syncs among them.
+
+    ``total``: number of ops; ``by_name``: ops per name; ``syncs``: number of ops
+    that synchronise with the host; ``sync_names``: those ops per name.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_name: Counter[str] = Counter()
+        self.sync_names: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_name.values())
+
+    @property
+    def syncs(self) -> int:
+        return sum(self.sync_names.values())
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None):
+        kwargs = kwargs or {}
+        name = _packet_name(func)
+        self.by_name[name] += 1
+        if _is_sync(func, args, kwargs):
+            self.sync_names[name] += 1
+        return func(*args, **kwargs)
+
+
+def count_ops(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, OpCounter]:
+    """Run ``fn(*args, **kwargs)`` under an ``OpCounter``; return its result and the counter."""
+    with OpCounter() as counter:
+        result = fn(*args, **kwargs)
+    return result, counter
