@@ -1,29 +1,33 @@
-"""Optional ``torch.compile`` of the update's pure tensor functions, with an eager fallback.
+"""``torch.compile`` of the agent's update as one graph, with an eager fallback.
 
-What is compiled (``MultiTaskSAC(..., compile=True)``, the trainer's ``train.compile``):
-the engine's per-task Jacobian (``vmap`` of ``grad`` over the loss function: the
-functorch transforms are traced once instead of re-dispatched in Python at every
-update), the engine's forward of a loss function (its backward comes from
-AOTAutograd), and the SAC TD target. The combiners, their solvers and the
-optimiser steps stay eager: they are small, and the solvers synchronise with the
-host by design.
+``MultiTaskSAC(..., compile=True)`` (the trainer's ``train.compile``) compiles
+its ``update_graph`` (TD target, both engine passes with their combiners, the
+optimiser steps, the temperature and Polyak steps, the non-finite guard and the
+metrics) with ``fullgraph=True``: one graph, no graph break, no host
+synchronisation. On CUDA it uses ``mode="reduce-overhead"``, which captures the
+graph as a CUDA graph and replays it at every update (one launch instead of one
+per kernel). The tensors the update changes in place (parameters, optimiser
+and combiner state, the guard's counters) are marked as static addresses, so
+that the CUDA graph updates them where they are instead of copying them.
 
-Every compiled function falls back to eager execution, with one warning, the
-first time the compiled call raises and the eager call of the same arguments
-does not (an unsupported Python or platform, no C++ compiler for the CPU
-backend, an operator the compiler does not know): training never stops because
-of compilation. An error that the eager function raises as well (a wrong shape,
-say) is raised as usual, and compilation stays on.
+``torch.autograd.grad`` (the loss-based engine path, NTKMTL-SR's gradient to the
+representation, the temperature) is traced into the graph with dynamo's
+``trace_autograd_ops``; the vmapped per-task Jacobian is a ``torch.func`` transform.
 
-The functions passed in must be pure: no in-place update of their inputs (so a
-failed compiled call can be repeated eagerly) and no Python state that changes
-between calls without being an argument (dynamo would keep the first value).
+A compiled function falls back to eager execution, with one warning, the first
+time the compiled call raises and the eager call of the same arguments does not
+(an unsupported Python or platform, no C++ compiler for the CPU backend, an
+operator the compiler does not know, a graph break under ``fullgraph``):
+training never stops because of compilation. Compilation errors are raised while
+tracing, before the compiled code runs, so an update that failed to compile
+changed nothing. An error that the eager function raises as well (a wrong
+shape, say) is raised as usual, and compilation stays on.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -39,7 +43,15 @@ class MaybeCompiled(Generic[R]):
     """
 
     def __init__(
-        self, fn: Callable[..., R], name: str, enabled: bool, backend: str | Callable = "inductor"
+        self,
+        fn: Callable[..., R],
+        name: str,
+        enabled: bool,
+        backend: str | Callable = "inductor",
+        *,
+        fullgraph: bool = False,
+        mode: str | None = None,
+        static_tensors: Iterable[torch.Tensor] = (),
     ) -> None:
         self.fn = fn
         self.name = name
@@ -47,7 +59,12 @@ class MaybeCompiled(Generic[R]):
         self._compiled: Callable[..., R] | None = None
         if enabled:
             try:
-                self._compiled = torch.compile(fn, dynamic=False, backend=backend)
+                for tensor in static_tensors:
+                    torch._dynamo.mark_static_address(tensor)
+                compiled = torch.compile(
+                    fn, dynamic=False, backend=backend, fullgraph=fullgraph, mode=mode
+                )
+                self._compiled = _tracing_autograd(compiled)
             except Exception as error:  # noqa: BLE001 - any failure means: run eagerly
                 self._fall_back(error)
 
@@ -75,6 +92,20 @@ class MaybeCompiled(Generic[R]):
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def _tracing_autograd(compiled: Callable[..., R]) -> Callable[..., R]:
+    """``compiled`` with ``torch.autograd.grad`` traced into its graph (dynamo's
+    ``trace_autograd_ops``) where this torch has the option; a graph break otherwise."""
+    config = torch._dynamo.config
+    if not hasattr(config, "trace_autograd_ops"):
+        return compiled
+
+    def call(*args: Any, **kwargs: Any) -> R:
+        with config.patch(trace_autograd_ops=True):
+            return compiled(*args, **kwargs)
+
+    return call
 
 
 def _first_line(error: BaseException) -> str:

@@ -194,11 +194,11 @@ class TrainSettings:
     progress_bar: bool
     # Speed (scripts/bench_train.py).
     overlap_env_step: bool = False  # update while the env workers simulate the step
-    compile: bool = False  # torch.compile the update's tensor functions (eager fallback)
+    compile: bool = False  # the whole update as one compiled graph (CUDA graph on CUDA)
     # Reliability (mtrl_ntk/checkpoint.py, mtrl_ntk/faults.py).
     checkpoint_every: int = 0  # steps; 0: only on SIGTERM/SIGINT
     keep_checkpoints: int = 2
-    check_finite: bool = True  # skip non-finite updates (one host sync per update)
+    check_finite: bool = True  # report skipped non-finite updates, stop on too many
     max_consecutive_skips: int = 10
 
 

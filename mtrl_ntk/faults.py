@@ -1,30 +1,28 @@
 """Faults a long run must survive: non-finite updates, stop signals, and how a run stops.
 
-DESIGN.md, "Reliability": a non-finite loss or gradient is detected at the update
-where it appears, reported with the step and the task, the update is skipped, and
-the run stops after ``train.max_consecutive_skips`` skipped updates in a row.
+Reliability: a non-finite loss or gradient is detected at the update where it
+appears and the update is skipped on the device (``MultiTaskSAC.update_graph``);
+the host reports it with the step and the task at the next check, and the run
+stops after ``train.max_consecutive_skips`` skipped updates in a row.
 SIGTERM (a scheduler's preemption), SIGUSR2 (SLURM's warning before the time limit,
 as submitit configures it) and SIGINT (Ctrl-C) finish the current step, write a
 checkpoint at the next episode end and stop with a message that says how to resume.
 Every deliberate stop is a :class:`RunStopped` carrying the exit status the entry
 point uses.
 
-Cost of the non-finite check (``train.check_finite``): each update first copies
-the agent's state (networks, target critic, temperature, Adam moments and step
-counts, combiner states, noise generator) into preallocated buffers with one
-``torch._foreach_copy_``, and afterwards reads the update's ``finite`` flag on the
-host (``.item()``). The training loop synchronises with the device at every step
-anyway (the next action goes to the environments through ``.cpu()``), so the
-read waits only for work that would be waited for a moment later.
+Cost of the non-finite check (``train.check_finite``): nothing per update. The
+agent's update skips a non-finite stage with ``torch.where`` and counts skips in
+device tensors (``UpdateHealth``); ``UpdateGuard.check`` reads them once (one host
+synchronisation) when the trainer logs, evaluates, checkpoints and finishes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 import sys
 import threading
 from collections.abc import Sequence
+import dataclasses
 from types import FrameType
 from typing import Any
 
@@ -58,40 +56,6 @@ class NonFiniteUpdates(RunStopped):
 # -- non-finite updates ---------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _Slot:
-    """Where a tensor sat in a flattened state (index into the tensor list)."""
-
-    index: int
-
-
-def _flatten(tree: Any, tensors: list[Tensor]) -> Any:
-    """``tree`` with every tensor replaced by a ``_Slot``; the tensors are appended to
-    ``tensors`` in a fixed order (dict insertion order, then list order)."""
-    if isinstance(tree, Tensor):
-        tensors.append(tree)
-        return _Slot(len(tensors) - 1)
-    if isinstance(tree, dict):
-        return {key: _flatten(value, tensors) for key, value in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_flatten(value, tensors) for value in tree)
-    return tree  # numbers, strings, None: immutable
-
-
-def _unflatten(skeleton: Any, tensors: Sequence[Tensor]) -> Any:
-    if isinstance(skeleton, _Slot):
-        return tensors[skeleton.index]
-    if isinstance(skeleton, dict):
-        return {key: _unflatten(value, tensors) for key, value in skeleton.items()}
-    if isinstance(skeleton, (list, tuple)):
-        return type(skeleton)(_unflatten(value, tensors) for value in skeleton)
-    return skeleton
-
-
-def _signature(tensors: Sequence[Tensor]) -> tuple[tuple[Any, ...], ...]:
-    return tuple((tensor.shape, tensor.dtype, tensor.device) for tensor in tensors)
-
-
 def describe_non_finite(metrics: dict[str, Tensor], task_names: Sequence[str]) -> str:
     """Which loss of which task was not finite, stage by stage in update order.
 
@@ -114,13 +78,15 @@ def describe_non_finite(metrics: dict[str, Tensor], task_names: Sequence[str]) -
 
 
 class UpdateGuard:
-    """Runs ``agent.update`` and undoes it when a loss or gradient was not finite.
+    """Reports the updates the agent's device-side guard skipped; stops a run that keeps skipping.
 
-    A skipped update leaves the networks, target critic, temperature, optimiser
-    states (Adam step counts included), combiner states and noise generator exactly
-    as before it; only the replay sample drawn for it is consumed. Each skip is
-    reported on stderr with the step and the task; ``max_consecutive_skips`` skips
-    in a row stop the run (:class:`NonFiniteUpdates`).
+    ``update`` runs ``agent.update`` and remembers the step of each update (host
+    only: no synchronisation). ``check`` reads the agent's ``UpdateHealth`` once:
+    it reports the skips since the last check on stderr, with the step and the
+    task of the last one, and raises :class:`NonFiniteUpdates` when
+    ``max_consecutive_skips`` updates in a row were skipped. A skipped update left
+    the networks, target critic, temperature, optimiser states and combiner states
+    as they were (see ``MultiTaskSAC``); its replay sample and policy noise are consumed.
     """
 
     def __init__(
@@ -129,66 +95,58 @@ class UpdateGuard:
         self.agent = agent
         self.task_names = list(task_names)
         self.max_consecutive_skips = max_consecutive_skips
-        self.consecutive_skips = 0
         self.skips_since_eval = 0
         self.total_skips = 0
-        self._skeleton: Any = None
-        self._saved: list[Tensor] = []
-        self._saved_signature: tuple[tuple[Any, ...], ...] = ()
+        self._steps: dict[int, int] = {}  # update index -> step, since the last check
+        self._next_update: int | None = None  # the index of the next update (host mirror)
 
-    def _save(self) -> None:
-        live: list[Tensor] = []
-        self._skeleton = _flatten(self.agent.state_dict(), live)
-        signature = _signature(live)
-        if signature != self._saved_signature:  # first update, or the state grew (Adam's)
-            self._saved = [tensor.detach().clone() for tensor in live]
-            self._saved_signature = signature
-        else:
-            with torch.no_grad():
-                torch._foreach_copy_(self._saved, live)
+    def update(self, batch: Batch, step: int) -> dict[str, Tensor]:
+        """The update's metrics (skipped or not: ``metrics["finite"]`` says, on the device)."""
+        if self._next_update is None:
+            self._next_update = int(self.agent.health.updates)  # once per run (or resume)
+        self._steps[self._next_update] = step
+        self._next_update += 1
+        return self.agent.update(batch)
 
-    def _restore(self) -> None:
-        # Clones: the optimisers may keep the tensors they are given.
-        state = _unflatten(self._skeleton, [tensor.clone() for tensor in self._saved])
-        self.agent.load_state_dict(state)
-
-    def update(self, batch: Batch, step: int) -> dict[str, Tensor] | None:
-        """The update's metrics, or None when it was skipped."""
-        self._save()
-        metrics = self.agent.update(batch)
-        if bool(metrics["finite"].item()):
-            self.consecutive_skips = 0
-            return metrics
-        self._restore()
-        self.consecutive_skips += 1
-        self.skips_since_eval += 1
-        self.total_skips += 1
-        cause = describe_non_finite(metrics, self.task_names)
+    def check(self, step: int) -> None:
+        """Report the skips since the last check; stop the run after too many in a row."""
+        health = self.agent.health.read()
+        new = health["skipped"] - self.total_skips
+        steps, self._steps = self._steps, {}
+        self._next_update = health["updates"]
+        if new <= 0:
+            return
+        self.total_skips += new
+        self.skips_since_eval += new
+        losses = health["last_losses"]
+        cause = describe_non_finite(
+            {"critic_task_losses": losses[0], "actor_task_losses": losses[1],
+             "alpha_loss": losses[2, 0]},
+            self.task_names,
+        )
+        at = steps.get(health["last_skip"])
+        where = f"at step {at}" if at is not None else f"before step {step}"
         print(
-            f"mtrl_ntk: non-finite {cause} at step {step}: update skipped "
-            f"({self.consecutive_skips} in a row, {self.total_skips} in this run)",
+            f"mtrl_ntk: non-finite {cause} {where}: update skipped "
+            f"({new} since the last check, {health['consecutive']} in a row, "
+            f"{self.total_skips} in this run)",
             file=sys.stderr,
         )
-        if self.consecutive_skips >= self.max_consecutive_skips:
+        if health["max_consecutive"] >= self.max_consecutive_skips:
             raise NonFiniteUpdates(
-                f"stopped at step {step}: {self.consecutive_skips} consecutive updates had a "
+                f"stopped at step {step}: {health['max_consecutive']} consecutive updates had a "
                 f"non-finite loss or gradient (last: {cause}); no checkpoint holds a "
                 "non-finite state. Lower the learning rates, or raise "
                 "train.max_consecutive_skips"
             )
-        return None
 
     def state_dict(self) -> dict[str, int]:
-        return {
-            "consecutive_skips": self.consecutive_skips,
-            "skips_since_eval": self.skips_since_eval,
-            "total_skips": self.total_skips,
-        }
+        return {"skips_since_eval": self.skips_since_eval, "total_skips": self.total_skips}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.consecutive_skips = int(state["consecutive_skips"])
         self.skips_since_eval = int(state["skips_since_eval"])
         self.total_skips = int(state["total_skips"])
+        self._steps, self._next_update = {}, None
 
 
 def poison_batch(batch: Batch, task: int) -> Batch:

@@ -109,23 +109,13 @@ _GRAMIAN_IMAGES = {
 }
 
 
-def conflict_counts(metrics: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Pairs of tasks whose gradients conflict (G_ij < 0, i < j), from each Gramian [T, T]."""
-    counts = {}
-    for key in _GRAMIAN_IMAGES:
-        if key in metrics:
-            gramian = metrics[key]
-            counts[key.replace("_gramian", "_conflicting_pairs")] = (
-                (gramian < 0).triu(diagonal=1).sum()
-            )
-    return counts
-
-
 class MetricAccumulator:
     """Running sums of the agent's metric tensors since the last ``reset``, kept on device.
 
-    ``add`` only launches tensor additions (no host synchronisation); ``means``
-    moves the averages to the host once.
+    ``add`` launches one multi-tensor addition (no host synchronisation); ``means``
+    moves the averages to the host once. The agent zeroes every metric of an update
+    it did not apply, so each metric is averaged over the applied updates (the sum
+    of ``finite``), and ``finite`` itself over all of them.
     """
 
     def __init__(self) -> None:
@@ -133,21 +123,32 @@ class MetricAccumulator:
         self.count = 0
 
     def add(self, metrics: Mapping[str, Tensor]) -> None:
-        for key, value in {**metrics, **conflict_counts(metrics)}.items():
-            value = value.detach().to(torch.float64)
-            if key in self.sums:
-                self.sums[key].add_(value)
-            else:
-                self.sums[key] = value.clone()
+        if not self.sums:
+            self.sums = {key: value.detach().to(torch.float64) for key, value in metrics.items()}
+            # .to() may return the metric itself: own the sums.
+            self.sums = {key: value.clone() for key, value in self.sums.items()}
+        else:
+            if metrics.keys() != self.sums.keys():
+                raise ValueError(
+                    f"metrics {sorted(metrics)} differ from the window's {sorted(self.sums)}"
+                )
+            torch._foreach_add_(
+                list(self.sums.values()), [metrics[key].detach() for key in self.sums]
+            )
         self.count += 1
 
     def means(self) -> dict[str, np.ndarray]:
         if not self.count:
             return {}
-        return {key: (total / self.count).cpu().numpy() for key, total in self.sums.items()}
+        sums = {key: total.cpu().numpy() for key, total in self.sums.items()}
+        applied = max(float(sums.get("finite", self.count)), 1.0)
+        return {
+            key: total / (self.count if key == "finite" else applied)
+            for key, total in sums.items()
+        }
 
     def reset(self) -> None:
-        self.sums.clear()
+        self.sums = {}
         self.count = 0
 
 
@@ -415,13 +416,17 @@ class Trainer:
         if self.step < self.spec.train.warmup_steps or len(self.buffer) == 0:
             return
         batch = self.buffer.sample(self.spec.batch_per_task, self.sample_generator)
-        metrics = self._update(batch)
-        if metrics is not None:  # None: skipped, not finite
-            self.log_window.add(metrics)
-            self.eval_window.add(metrics)
+        metrics = self._update(batch)  # a skipped update's metrics are 0, "finite" False
+        self.log_window.add(metrics)
+        self.eval_window.add(metrics)
 
-    def _update(self, batch: Any) -> dict[str, Tensor] | None:
-        """One SAC update; None when the non-finite guard skipped it."""
+    def _check_updates(self) -> None:
+        """Report non-finite updates skipped since the last check (one host sync)."""
+        if self.guard is not None:
+            self.guard.check(self.step)
+
+    def _update(self, batch: Any) -> dict[str, Tensor]:
+        """One SAC update (skipped on the device when not finite)."""
         debug = self.spec.debug
         if debug.nan_at_step is not None and (
             debug.nan_at_step <= self.step < debug.nan_at_step + debug.nan_steps
@@ -445,6 +450,7 @@ class Trainer:
                     file=sys.stderr,
                 )
             return
+        self._check_updates()  # a run that must stop for non-finite updates stops first
         self.writer.flush()  # TensorBoard up to this step is on disk before the checkpoint
         started = time.perf_counter()
         path = self.checkpoints.save(
@@ -465,6 +471,7 @@ class Trainer:
 
     def _log_window(self, steps_per_second: float) -> None:
         assert self.writer is not None
+        self._check_updates()
         scalars = metric_scalars(self.log_window.means(), self.task_names)
         self.log_window.reset()
         remaining = self.spec.train.num_steps - self.step
@@ -475,6 +482,7 @@ class Trainer:
 
     def _evaluate(self, elapsed: float) -> None:
         assert self.writer is not None
+        self._check_updates()
         spec = self.spec
         evaluator = self.ensure_evaluator()  # one evaluation env, kept open across evaluations
         eval_started = time.perf_counter()
@@ -514,6 +522,7 @@ class Trainer:
         self.last_eval = row
 
     def _finish(self, wall_seconds: float) -> dict[str, Any]:
+        self._check_updates()
         result = {
             "status": "finished",
             "step": self.step,

@@ -25,13 +25,24 @@ loss functions must be RNG-free for ``torch.func.vmap``) from the agent's own
 generator, whose state is part of ``state_dict`` so that a restored agent makes
 the identical next update.
 
-Nothing in ``update`` waits for the device (no ``.item()``, no host copies, no
-branching on tensor values): on a GPU the whole update is queued and the host
-can step the environments meanwhile. The exceptions are inside the combiners
-that solve on the host (the Gramian solvers copy the [T, T] Gramian once per
-engine pass). With ``compile=True`` the TD target, the temperature's policy
-forward and the engine's vmapped Jacobian / loss forward run through
-``torch.compile`` (``mtrl_ntk.compilation``: eager fallback with a warning).
+The update is shaped for a GPU: ``update`` draws this update's random numbers
+(the policy noise, and whatever a combiner draws in ``draw_random``) eagerly and
+then runs ``update_graph``, a function of the batch and those numbers with static
+shapes and no host synchronisation: the optimisers are ``CapturableAdam`` (device
+step counts and learning rates), and the non-finite guard is on the device (AMP's
+found-inf logic): a stage whose losses or gradients are not finite is not applied,
+``health`` counts the skips, and the host reads them at log time. With
+``compile=True`` ``update_graph`` is compiled as one graph
+(``torch.compile(fullgraph=True)``) and, on CUDA, captured as one CUDA graph
+(``mode="reduce-overhead"``); eager execution is the reference and the fallback
+(``mtrl_ntk.compilation``).
+
+What a non-finite update skips (the guard's semantics): a non-finite critic pass
+skips every step of the update (critic, target, actor, temperature, both
+combiners' state); a non-finite actor pass skips the actor's, the temperature's
+and the actor combiner's; a non-finite temperature loss skips the temperature's.
+A stage that was applied used only finite values computed before the skipped
+one, as AMP's gradient scaler skips one optimiser and not the others.
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ from mtrl_ntk.agent.models import Actor, TwinCritic, check_architecture, tanh_ga
 from mtrl_ntk.combiners.base import GradientCombiner, make_combiner
 from mtrl_ntk.compilation import MaybeCompiled
 from mtrl_ntk.engine import EngineResult, TaskGradientEngine
+from mtrl_ntk.optim import CapturableAdam
 
 BALANCEABLE_LOSSES = ("critic", "actor")
 
@@ -119,13 +131,6 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
         raise ValueError(f"invalid value {value!r} for agent setting {name!r}: expected {allowed}")
 
 
-def _adam(params: list[Tensor], lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam with the fused kernel on CPU/CUDA, the foreach one elsewhere."""
-    if device.type in ("cpu", "cuda"):
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    return torch.optim.Adam(params, lr=lr, foreach=True)
-
-
 def _flatten_tasks(tensor: Tensor) -> Tensor:
     """[T, B_t, ...] -> [T * B_t, ...] (task-major: task i's samples stay contiguous)."""
     return tensor.reshape(tensor.shape[0] * tensor.shape[1], *tensor.shape[2:])
@@ -137,8 +142,8 @@ class MultiTaskSAC:
     ``critic_combiner`` and ``actor_combiner`` are separate instances (each keeps
     its own state); either is replaced by ``ls`` when its loss is not in
     ``cfg.balance``. ``seed`` seeds the generator of the policy noise.
-    ``compile`` runs the update's pure tensor functions through ``torch.compile``
-    (see the module docstring); the result is the same update up to floating-point
+    ``compile`` compiles ``update_graph`` as one graph (a CUDA graph on CUDA; see
+    the module docstring); the result is the same update up to floating-point
     rounding.
     """
 
@@ -194,24 +199,35 @@ class MultiTaskSAC:
             math.log(cfg.init_temperature), device=self.device,
         ))
 
-        self.actor_optimizer = _adam(list(self.actor.parameters()), cfg.actor_lr, self.device)
-        self.critic_optimizer = _adam(list(self.critic.parameters()), cfg.critic_lr, self.device)
-        self.alpha_optimizer = _adam([self.log_alpha], cfg.alpha_lr, self.device)
+        self.critic_combiner.to(self.device)
+        self.actor_combiner.to(self.device)
+        self.actor_optimizer = CapturableAdam(list(self.actor.parameters()), cfg.actor_lr)
+        self.critic_optimizer = CapturableAdam(list(self.critic.parameters()), cfg.critic_lr)
+        self.alpha_optimizer = CapturableAdam([self.log_alpha], cfg.alpha_lr)
         self.critic_engine = TaskGradientEngine(
-            self.critic, num_tasks, self.critic.is_task_specific, compile=compile
+            self.critic, num_tasks, self.critic.is_task_specific
         )
-        self.actor_engine = TaskGradientEngine(
-            self.actor, num_tasks, self.actor.is_task_specific, compile=compile
-        )
+        self.actor_engine = TaskGradientEngine(self.actor, num_tasks, self.actor.is_task_specific)
+        self.health = UpdateHealth(num_tasks, self.device)
         # The same function objects at every update, so that compiled code is reused.
         self._critic_loss_fn = self.critic_loss
         self._actor_loss_fn = self.actor_loss_against_critic
-        self._td_target_fn = MaybeCompiled(self.td_target, "the TD target", compile)
-        self._policy_log_prob_fn = MaybeCompiled(
-            self.policy_log_prob, "the policy log-probability", compile
+        self._update_fn = MaybeCompiled(
+            self.update_graph, "the SAC update", compile, fullgraph=True,
+            mode="reduce-overhead" if self.device.type == "cuda" else None,
+            static_tensors=self._state_tensors() if compile else (),
         )
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+
+    def _state_tensors(self) -> list[Tensor]:
+        """Every tensor the update changes in place (their addresses stay fixed)."""
+        tensors = [*self.actor.parameters(), *self.critic.parameters(),
+                   *self.critic_target.parameters(), self.log_alpha]
+        for optimizer in (self.actor_optimizer, self.critic_optimizer, self.alpha_optimizer):
+            tensors += optimizer.state_tensors()
+        tensors += self.critic_combiner.state_tensors() + self.actor_combiner.state_tensors()
+        return tensors + self.health.state_tensors()
 
     # -- acting ------------------------------------------------------------------------
 
@@ -277,17 +293,19 @@ class MultiTaskSAC:
     # -- one update ----------------------------------------------------------------------
 
     @torch.no_grad()
-    def td_target(self, batch: BatchLike, task_ids: Tensor, noise: Tensor) -> Tensor:
+    def td_target(
+        self, reward: Tensor, next_obs: Tensor, done: Tensor, task_ids: Tensor, noise: Tensor
+    ) -> Tensor:
         """y = r + γ (1 - done) (min_k Q̄_k(s', a') - α_task log π(a'|s')), [T, B_t]."""
-        num_tasks, per_task = batch.reward.shape
+        num_tasks, per_task = reward.shape
         flat_ids = _flatten_tasks(task_ids)
-        next_obs = _flatten_tasks(batch.next_obs)
+        next_obs = _flatten_tasks(next_obs)
         mean, log_std, _ = self.actor(next_obs, flat_ids)
         next_action, next_log_prob = tanh_gaussian_sample(mean, log_std, _flatten_tasks(noise))
         q1, q2, _ = self.critic_target(next_obs, next_action, flat_ids)
         alpha = self.alpha[flat_ids]  # [T * B_t]
         next_value = (torch.minimum(q1, q2) - alpha * next_log_prob).view(num_tasks, per_task)
-        return batch.reward + self.cfg.gamma * (1.0 - batch.done) * next_value
+        return reward + self.cfg.gamma * (1.0 - done) * next_value
 
     @torch.no_grad()
     def policy_log_prob(self, obs: Tensor, task_ids: Tensor, noise: Tensor) -> Tensor:
@@ -300,60 +318,100 @@ class MultiTaskSAC:
     def update(self, batch: BatchLike) -> dict[str, Tensor]:
         """One SAC update on a batch grouped [T, B_t]; returns detached metrics (no host sync).
 
+        Draws the update's random numbers, then runs ``update_graph`` (compiled when
+        the agent was built with ``compile=True``).
+        """
+        num_tasks, per_task = batch.reward.shape
+        if num_tasks != self.num_tasks:
+            raise ValueError(f"batch has {num_tasks} tasks, the agent has {self.num_tasks}")
+        noise = torch.randn(
+            (2, num_tasks, per_task, self.action_dim), generator=self.generator, device=self.device
+        )
+        critic_random = self.critic_combiner.draw_random(self.critic_engine.shared_dim, self.device)
+        actor_random = self.actor_combiner.draw_random(self.actor_engine.shared_dim, self.device)
+        return self._update_fn(
+            batch.obs, batch.action, batch.reward, batch.next_obs, batch.done,
+            noise, critic_random, actor_random,
+        )
+
+    def update_graph(
+        self,
+        obs: Tensor,
+        action: Tensor,
+        reward: Tensor,
+        next_obs: Tensor,
+        done: Tensor,
+        noise: Tensor,
+        critic_random: Tensor | None,
+        actor_random: Tensor | None,
+    ) -> dict[str, Tensor]:
+        """The whole update as a function of the batch and its random numbers.
+
+        Static shapes, no host reads: this is what ``compile=True`` compiles as one
+        graph. ``noise`` [2, T, B_t, A] is the policy noise of the TD target and of
+        the actor loss; ``*_random`` are the combiners' ``draw_random`` outputs.
+
         Metrics: ``critic_loss``, ``actor_loss``, ``alpha_loss``, ``entropy`` (scalars,
         entropy = -mean log π), ``alpha`` ([T] with disentangled_alpha, else a
         scalar), ``critic_task_losses`` / ``actor_task_losses`` / ``task_entropy``
         [T], ``critic_weights`` / ``actor_weights`` [T] (when the combiner returns
         weights), ``critic_ntk_eigenvalues`` / ``actor_ntk_eigenvalues`` [T] (when
         the combiner reports them), ``critic_gramian`` / ``actor_gramian`` [T, T]
-        (when the engine formed it) and ``finite`` (bool: every loss and written
-        gradient was finite).
+        and ``critic_conflicting_pairs`` / ``actor_conflicting_pairs`` (when the
+        engine formed the Gramian), ``*_solver_fallback`` (when the combiner has a
+        solver), and ``finite`` (bool: the whole update was applied). Every metric
+        but ``finite`` is 0 for an update that was not applied (so that averages
+        over updates only count applied ones); ``health`` keeps what went wrong.
         """
-        num_tasks, per_task = batch.reward.shape
-        if num_tasks != self.num_tasks:
-            raise ValueError(f"batch has {num_tasks} tasks, the agent has {self.num_tasks}")
+        num_tasks, per_task = reward.shape
         task_ids = torch.arange(num_tasks, device=self.device).unsqueeze(1).expand(
             num_tasks, per_task
         )  # [T, B_t]
-        next_noise, noise = torch.randn(
-            (2, num_tasks, per_task, self.action_dim), generator=self.generator, device=self.device
-        )
+        next_noise, noise = noise[0], noise[1]
         alpha = self.alpha  # [T], before this update's temperature step
+        critic_state = _snapshot(self.critic_combiner.state_tensors())
+        actor_state = _snapshot(self.actor_combiner.state_tensors())
 
         # Critic.
         critic_batch = {
-            "obs": batch.obs,
-            "action": batch.action,
+            "obs": obs,
+            "action": action,
             "task_ids": task_ids,
-            "target_q": self._td_target_fn(batch, task_ids, next_noise),
+            "target_q": self.td_target(reward, next_obs, done, task_ids, next_noise),
         }
         critic_result = self._step(
             self.critic_engine, self.critic_optimizer, self._critic_loss_fn, critic_batch,
-            self.critic_combiner,
+            self.critic_combiner, critic_random, apply=None,
         )
+        critic_ok = critic_result.finite
+        self.update_target(critic_ok)
 
         # Actor, against the critic just updated.
         actor_batch = {
-            "obs": batch.obs,
+            "obs": obs,
             "task_ids": task_ids,
             "noise": noise,
             "alpha": alpha.unsqueeze(1).expand(num_tasks, per_task),
         }
         # log π of the samples the actor loss uses, before the actor's step: for the temperature.
-        log_prob = self._policy_log_prob_fn(batch.obs, task_ids, noise)  # [T, B_t]
+        log_prob = self.policy_log_prob(obs, task_ids, noise)  # [T, B_t]
         actor_result = self._step(
             self.actor_engine, self.actor_optimizer, self._actor_loss_fn, actor_batch,
-            self.actor_combiner,
+            self.actor_combiner, actor_random, apply=critic_ok,
         )
+        actor_ok = critic_ok & actor_result.finite
 
         # Temperature.
         alpha_per_sample = self.log_alpha.exp().expand(num_tasks).unsqueeze(1)  # [T, 1]
         alpha_loss = (alpha_per_sample * (-log_prob - self.target_entropy)).mean()
-        self.alpha_optimizer.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        self.alpha_optimizer.step()
+        (alpha_grad,) = torch.autograd.grad(alpha_loss, [self.log_alpha])
+        applied = actor_ok & torch.isfinite(alpha_loss) & torch.isfinite(alpha_grad).all()
+        self.alpha_optimizer.step([alpha_grad], applied)
 
-        self.update_target()
+        # A skipped stage leaves its combiner's state as it was.
+        _restore_where_not(critic_ok, self.critic_combiner.state_tensors(), critic_state)
+        _restore_where_not(actor_ok, self.actor_combiner.state_tensors(), actor_state)
+        self.health.record(applied, critic_result.losses, actor_result.losses, alpha_loss)
 
         metrics = {
             "critic_loss": critic_result.losses.mean(),
@@ -364,32 +422,41 @@ class MultiTaskSAC:
             "task_entropy": -log_prob.mean(dim=1),
             "critic_task_losses": critic_result.losses,
             "actor_task_losses": actor_result.losses,
-            "finite": critic_result.finite & actor_result.finite & torch.isfinite(alpha_loss),
         }
         for role, result in (("critic", critic_result), ("actor", actor_result)):
             metrics.update(_combiner_metrics(role, result))
+        metrics = {key: _zero_unless(applied, value.detach()) for key, value in metrics.items()}
+        metrics["finite"] = applied
         return metrics
 
     def _step(
         self,
         engine: TaskGradientEngine,
-        optimizer: torch.optim.Optimizer,
+        optimizer: CapturableAdam,
         loss_fn: Any,
         batch: dict[str, Tensor],
         combiner: GradientCombiner,
+        random: Tensor | None,
+        apply: Tensor | None,
     ) -> EngineResult:
-        optimizer.zero_grad(set_to_none=True)
-        result = engine.backward(loss_fn, batch, combiner)
-        optimizer.step()
+        """One engine pass and optimiser step, applied where the pass was finite (and ``apply``)."""
+        grads, result = engine.gradients(loss_fn, batch, combiner, random)
+        ok = result.finite if apply is None else apply & result.finite
+        optimizer.step(grads, ok)
         engine.after_step(loss_fn, batch, combiner)
         return result
 
     @torch.no_grad()
-    def update_target(self) -> None:
-        """Polyak averaging θ̄ ← θ̄ + τ (θ - θ̄) of every critic parameter."""
-        torch._foreach_lerp_(
-            list(self.critic_target.parameters()), list(self.critic.parameters()), self.cfg.tau
-        )
+    def update_target(self, apply: Tensor | None = None) -> None:
+        """Polyak averaging θ̄ ← θ̄ + τ (θ - θ̄) of every critic parameter (where ``apply``)."""
+        targets = list(self.critic_target.parameters())
+        sources = list(self.critic.parameters())
+        if apply is None:
+            torch._foreach_lerp_(targets, sources, self.cfg.tau)
+            return
+        differences = torch._foreach_sub(sources, targets)
+        torch._foreach_mul_(differences, self.cfg.tau * apply.to(targets[0].dtype))
+        torch._foreach_add_(targets, differences)
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -406,11 +473,12 @@ class MultiTaskSAC:
             "critic_combiner": self.critic_combiner.state_dict(),
             "actor_combiner": self.actor_combiner.state_dict(),
             "generator": self.generator.get_state(),
+            "health": self.health.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         expected = set(self.state_dict())
-        if set(state) != expected:
+        if set(state) | {"health"} != expected:  # checkpoints before the device guard: no health
             raise ValueError(
                 f"agent state has keys {sorted(state)}, expected {sorted(expected)}"
             )
@@ -430,10 +498,12 @@ class MultiTaskSAC:
         self.critic_combiner.load_state_dict(state["critic_combiner"])
         self.actor_combiner.load_state_dict(state["actor_combiner"])
         self.generator.set_state(state["generator"].cpu())
+        if "health" in state:
+            self.health.load_state_dict(state["health"])
 
 
 def _combiner_metrics(role: str, result: EngineResult) -> dict[str, Tensor]:
-    """Weights, NTK eigenvalues and the Gramian of one engine pass, when present."""
+    """Weights, NTK eigenvalues, the Gramian and its conflicts, the solver's fallback flag."""
     metrics: dict[str, Tensor] = {}
     weights = result.output.weights
     if weights is None:
@@ -445,9 +515,90 @@ def _combiner_metrics(role: str, result: EngineResult) -> dict[str, Tensor]:
         metrics[f"{role}_ntk_eigenvalues"] = eigenvalues.detach()
     if result.gramian is not None:
         metrics[f"{role}_gramian"] = result.gramian.detach()
-    # Solvers report "fallback: ..." when they could not reach their method's optimum; a
-    # 0/1 tensor (from a Python string: no host sync) lets the trainer log how often.
-    status = result.output.diagnostics.get("solver_status")
-    if isinstance(status, str):
-        metrics[f"{role}_solver_fallback"] = torch.tensor(float(status.startswith("fallback")))
+        # Pairs of tasks whose gradients conflict (G_ij < 0, i < j).
+        metrics[f"{role}_conflicting_pairs"] = (result.gramian < 0).triu(diagonal=1).sum()
+    # 1.0 when the solver could not reach its method's optimum and fell back.
+    fallback = result.output.diagnostics.get("solver_fallback")
+    if isinstance(fallback, Tensor):
+        metrics[f"{role}_solver_fallback"] = fallback.detach()
     return metrics
+
+
+def _zero_unless(applied: Tensor, value: Tensor) -> Tensor:
+    """``value`` (floating point) where ``applied``, else 0."""
+    if not value.is_floating_point():
+        value = value.float()
+    return torch.where(applied, value, torch.zeros((), dtype=value.dtype, device=value.device))
+
+
+def _snapshot(tensors: list[Tensor]) -> list[Tensor]:
+    return [tensor.detach().clone() for tensor in tensors]
+
+
+@torch.no_grad()
+def _restore_where_not(applied: Tensor, tensors: list[Tensor], saved: list[Tensor]) -> None:
+    """Put ``saved`` back into ``tensors`` (in place) unless ``applied``."""
+    for tensor, old in zip(tensors, saved):
+        tensor.copy_(torch.where(applied, tensor, old))
+
+
+class UpdateHealth:
+    """Device-side record of the non-finite guard, read by the host at log time.
+
+    ``skipped``: updates not (fully) applied; ``consecutive``: skipped in a row up to
+    the last update; ``max_consecutive``: the longest such run since the last
+    ``read``; ``last_skip``: the index (count of updates before it) of the last
+    skipped update, -1 if none; ``last_losses`` [3, T]: its per-task critic and actor
+    losses and its temperature loss (row 2, all columns), to report which task broke.
+    ``updates`` counts every update.
+    """
+
+    def __init__(self, num_tasks: int, device: torch.device) -> None:
+        def counter() -> Tensor:
+            return torch.zeros((), dtype=torch.int64, device=device)
+
+        self.updates = counter()
+        self.skipped = counter()
+        self.consecutive = counter()
+        self.max_consecutive = counter()
+        self.last_skip = counter() - 1
+        self.last_losses = torch.zeros(3, num_tasks, device=device)
+
+    def state_tensors(self) -> list[Tensor]:
+        return [self.updates, self.skipped, self.consecutive, self.max_consecutive,
+                self.last_skip, self.last_losses]
+
+    @torch.no_grad()
+    def record(
+        self, applied: Tensor, critic_losses: Tensor, actor_losses: Tensor, alpha_loss: Tensor
+    ) -> None:
+        skipped = (~applied).to(torch.int64)
+        self.skipped.add_(skipped)
+        self.consecutive.copy_((self.consecutive + 1) * skipped)
+        self.max_consecutive.copy_(torch.maximum(self.max_consecutive, self.consecutive))
+        self.last_skip.copy_(torch.where(applied, self.last_skip, self.updates))
+        losses = torch.stack([
+            critic_losses.float(), actor_losses.float(),
+            alpha_loss.float().expand_as(critic_losses),
+        ])
+        self.last_losses.copy_(torch.where(applied, self.last_losses, losses))
+        self.updates.add_(1)
+
+    def read(self) -> dict[str, Any]:
+        """The record on the host (one synchronisation); resets ``max_consecutive``."""
+        values = {
+            "updates": int(self.updates), "skipped": int(self.skipped),
+            "consecutive": int(self.consecutive), "max_consecutive": int(self.max_consecutive),
+            "last_skip": int(self.last_skip), "last_losses": self.last_losses.cpu(),
+        }
+        self.max_consecutive.copy_(self.consecutive)
+        return values
+
+    def state_dict(self) -> dict[str, Tensor]:
+        names = ("updates", "skipped", "consecutive", "max_consecutive", "last_skip", "last_losses")
+        return {name: getattr(self, name).detach().clone() for name in names}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for name, value in state.items():
+            getattr(self, name).copy_(value)

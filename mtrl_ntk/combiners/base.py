@@ -7,6 +7,26 @@ NTK of the shared representation) to task weights ``w`` [T], and the update is
 (GradDrop, MoCo) return a direction [d] instead. A combiner declares what it
 needs in ``need`` and the engine (``mtrl_ntk.engine``) computes exactly that; the
 caller never branches on a combiner's name.
+
+The capture contract. ``combine`` and ``update_after_step`` run inside the
+agent's update, which is compiled as one graph (``torch.compile(fullgraph=True)``)
+and on a GPU captured as one CUDA graph. So they are tensor code with static
+shapes that never reads a value on the host: no ``.item()``, ``float(t)``,
+``bool(t)``, ``.tolist()``, ``.cpu()``, ``nonzero`` or boolean-mask indexing, no
+Python ``if``/``while`` on a tensor's value (``torch.where`` and fixed iteration
+counts instead), no ``torch.linalg`` call that checks its ``info`` on the host
+(``cholesky``, ``solve``, ``inv``, ``eigh``, ``svd``; the ``*_ex`` variants return
+``info`` as a tensor). Every tensor they make is on the device of the statistics
+they are given. Diagnostics are tensors (a solver's status is the 0-d float
+``solver_fallback``: 1.0 when it fell back to its documented safe answer) or
+Python values that do not depend on the data. State lives in tensors updated in
+place (``copy_``), never rebound or grown, listed by ``state_tensors`` so that the
+agent can undo a skipped (non-finite) update with ``torch.where``. A
+``torch.Generator`` cannot be used inside a captured graph: a combiner that needs
+random numbers draws them in ``draw_random`` (called eagerly before each update)
+and reads them from ``TaskStats.random``, drawing them itself when that is None
+(the pure function ``combine``). ``mtrl_ntk.opcount.OpCounter`` counts the host
+synchronisations of a call.
 """
 
 from __future__ import annotations

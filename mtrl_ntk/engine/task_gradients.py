@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from mtrl_ntk.combiners.base import CombinerOutput, GradientCombiner, Need, TaskStats
-from mtrl_ntk.compilation import MaybeCompiled
 
 # loss_fn(params, batch) -> (per-sample losses [B], shared representation z [B, h] or None).
 # ``batch`` holds tensors with a leading sample axis [B, ...] (always "task_ids" [B]);
@@ -99,7 +98,7 @@ class TaskJacobian:
             if total is None:
                 total = rows.new_zeros(size, size)
             _add_row_products(total, rows)
-        if total is None:
+        if total is None:  # no shared parameters
             return torch.zeros(size, size, dtype=torch.float64)
         return total.double()
 
@@ -166,7 +165,7 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
     than ``isfinite(t).all()``, which writes a bool tensor of the whole size first.
     """
     if not tensors:
-        return torch.tensor(True)
+        return torch.tensor(True)  # nothing to check (no device to put it on either)
     extremes = [extreme for tensor in tensors for extreme in torch.aminmax(tensor)]
     return torch.isfinite(torch.stack(extremes)).all()
 
@@ -231,16 +230,14 @@ class TaskGradientEngine:
       backward of the weighted loss;
     - Jacobian (Gramian methods, NTKMTL, GradDrop, MoCo): the per-task Jacobian
       of the shared parameters by one vmapped pass, its Gramian / NTK blocks,
-      the combiner, then ``.grad = Jᵀw`` without another backward.
+      the combiner, then the update Jᵀw without another backward.
 
-    The caller never branches on the combiner's name: it calls ``backward`` and
-    then its optimiser's ``step``, then ``after_step``.
-
-    With ``compile=True`` the vmapped Jacobian and the loss forward of the
-    loss-based path (and of ``after_step``) go through ``torch.compile``, falling
-    back to eager execution with a warning where that fails
-    (``mtrl_ntk.compilation``). The loss functions must then be the same objects
-    at every call (a new closure per update would be recompiled every time).
+    The caller never branches on the combiner's name. ``gradients`` returns the
+    combined gradient per parameter (for ``CapturableAdam``, inside a captured
+    update); ``backward`` writes it into ``.grad`` (for a ``torch.optim`` step);
+    then ``after_step``. Every path is static-shape tensor code without host
+    reads, as long as the combiner keeps the capture contract
+    (``mtrl_ntk.combiners.base``), so the agent compiles the whole update around it.
     """
 
     def __init__(
@@ -248,21 +245,41 @@ class TaskGradientEngine:
         module: nn.Module,
         num_tasks: int,
         is_task_specific: Callable[[str], bool] = lambda name: False,
-        *,
-        compile: bool = False,
     ) -> None:
         self.module = module
         self.num_tasks = num_tasks
         self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         self.shared_names = [n for n in self.params if not is_task_specific(n)]
         self.specific_names = [n for n in self.params if is_task_specific(n)]
-        self.jacobian_fn = MaybeCompiled(per_task_jacobian, "the per-task Jacobian", compile)
-        self.forward_fn = MaybeCompiled(_flat_forward, "the loss forward", compile)
+        # d, the number of shared parameters: the width of the task Jacobian.
+        self.shared_dim = sum(self.params[n].numel() for n in self.shared_names)
 
     def backward(
-        self, loss_fn: LossFn, batch: dict[str, Tensor], combiner: GradientCombiner
+        self,
+        loss_fn: LossFn,
+        batch: dict[str, Tensor],
+        combiner: GradientCombiner,
+        random: Tensor | None = None,
     ) -> EngineResult:
-        """One combined gradient for ``batch`` (grouped [T, B_t, ...]) written into ``.grad``."""
+        """``gradients`` written into the parameters' ``.grad`` (for a ``torch.optim`` step)."""
+        grads, result = self.gradients(loss_fn, batch, combiner, random)
+        for param, grad in zip(self.params.values(), grads):
+            param.grad = grad
+        return result
+
+    def gradients(
+        self,
+        loss_fn: LossFn,
+        batch: dict[str, Tensor],
+        combiner: GradientCombiner,
+        random: Tensor | None = None,
+    ) -> tuple[list[Tensor], EngineResult]:
+        """One combined gradient for ``batch`` (grouped [T, B_t, ...]), one per parameter in
+        the order of ``self.params``; nothing is written into ``.grad``.
+
+        ``random`` is the combiner's ``draw_random`` for this update (see the capture
+        contract in ``mtrl_ntk.combiners.base``); the combiner draws it itself when None.
+        """
         group_batch(batch, self.num_tasks)
         if combiner.num_tasks != self.num_tasks:
             raise ValueError(
@@ -271,10 +288,10 @@ class TaskGradientEngine:
             )
         need = combiner.need
         if need & _JACOBIAN_NEEDS and self.shared_names:
-            return self._jacobian_path(loss_fn, batch, combiner)
+            return self._jacobian_path(loss_fn, batch, combiner, random)
         if Need.REPRESENTATION_NTK in need:
-            return self._representation_path(loss_fn, batch, combiner)
-        return self._loss_path(loss_fn, batch, combiner)
+            return self._representation_path(loss_fn, batch, combiner, random)
+        return self._loss_path(loss_fn, batch, combiner, random)
 
     @torch.no_grad()
     def after_step(
@@ -284,18 +301,20 @@ class TaskGradientEngine:
         if Need.LOSSES_AFTER_STEP not in combiner.need:
             return
         num_tasks, per_task = group_batch(batch, self.num_tasks)
-        losses, _ = self.forward_fn(loss_fn, self.params, batch)
+        losses, _ = _flat_forward(loss_fn, self.params, batch)
         combiner.update_after_step(losses.view(num_tasks, per_task).mean(dim=1).detach())
 
     # -- the three paths -------------------------------------------------------------
 
     def _loss_path(
-        self, loss_fn: LossFn, batch: dict[str, Tensor], combiner: GradientCombiner
-    ) -> EngineResult:
+        self, loss_fn: LossFn, batch: dict[str, Tensor], combiner: GradientCombiner,
+        random: Tensor | None,
+    ) -> tuple[list[Tensor], EngineResult]:
         num_tasks, per_task = group_batch(batch, self.num_tasks)
-        losses, _ = self.forward_fn(loss_fn, self.params, batch)
+        losses, _ = _flat_forward(loss_fn, self.params, batch)
         task_losses = losses.view(num_tasks, per_task).mean(dim=1)  # [T]
-        stats = TaskStats(num_tasks=num_tasks, losses=task_losses.detach())
+        stats = TaskStats(num_tasks=num_tasks, losses=task_losses.detach(), random=random)
+        device = task_losses.device
         if combiner.need & _JACOBIAN_NEEDS:
             # No shared parameters (the `independent` architecture): the Jacobian of the
             # shared parameters is [T, n, 0], its Gramian and NTK blocks are zero, and a
@@ -303,19 +322,20 @@ class TaskGradientEngine:
             n = combiner.num_minibatches
             stats.num_minibatches = n
             stats.jacobian = task_losses.new_zeros(num_tasks, n, 0)
-            stats.gramian = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
-            stats.ntk_blocks = torch.zeros(num_tasks, n, n, dtype=torch.float64)
+            stats.gramian = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=device)
+            stats.ntk_blocks = torch.zeros(num_tasks, n, n, dtype=torch.float64, device=device)
         output = combiner.combine(stats)
         if output.direction is not None:
             output = CombinerOutput(
-                weights=torch.ones(num_tasks, dtype=torch.float64),
+                weights=torch.ones(num_tasks, dtype=torch.float64, device=device),
                 diagnostics={**output.diagnostics, "direction": "no shared parameters"},
             )
         return self._backward_weighted(task_losses, output)
 
     def _representation_path(
-        self, loss_fn: LossFn, batch: dict[str, Tensor], combiner: GradientCombiner
-    ) -> EngineResult:
+        self, loss_fn: LossFn, batch: dict[str, Tensor], combiner: GradientCombiner,
+        random: Tensor | None,
+    ) -> tuple[list[Tensor], EngineResult]:
         num_tasks, per_task = group_batch(batch, self.num_tasks)
         n = combiner.num_minibatches
         if per_task % n:
@@ -340,17 +360,19 @@ class TaskGradientEngine:
             num_minibatches=n,
             losses=task_losses.detach(),
             representation_jacobian=representation_jacobian.detach(),
+            random=random,
         )
         output = self._combine(combiner, stats, has_jacobian=False)
         return self._backward_weighted(task_losses, output)
 
     def _jacobian_path(
-        self, loss_fn: LossFn, batch: dict[str, Tensor], combiner: GradientCombiner
-    ) -> EngineResult:
+        self, loss_fn: LossFn, batch: dict[str, Tensor], combiner: GradientCombiner,
+        random: Tensor | None,
+    ) -> tuple[list[Tensor], EngineResult]:
         need = combiner.need
         shared = {n: self.params[n].detach() for n in self.shared_names}
         specific = {n: self.params[n].detach() for n in self.specific_names}
-        shared_jacobian, specific_jacobian, minibatch_losses = self.jacobian_fn(
+        shared_jacobian, specific_jacobian, minibatch_losses = per_task_jacobian(
             loss_fn, shared, specific, batch, combiner.num_minibatches
         )
         # The Gramian is always formed (T x d x T, cheap next to the Jacobian): the trainer
@@ -364,26 +386,30 @@ class TaskGradientEngine:
             jacobian=jacobian,
             gramian=gramian,
             ntk_blocks=ntk_blocks if Need.NTK_BLOCKS in need else None,
+            random=random,
         )
         output = self._combine(combiner, stats, has_jacobian=True)
         dtype, device = minibatch_losses.dtype, minibatch_losses.device
         finite = torch.isfinite(stats.losses).all()
+        grads: dict[str, Tensor] = {}
         if output.direction is not None:
             direction = output.direction.to(dtype)
             task_weights = torch.ones(self.num_tasks, dtype=dtype, device=device)
             offset = 0
             for name in self.shared_names:
                 param = self.params[name]
-                param.grad = direction[offset : offset + param.numel()].view_as(param).clone()
+                grads[name] = direction[offset : offset + param.numel()].view_as(param).clone()
                 offset += param.numel()
         else:
             task_weights = weights_like(output.weights, minibatch_losses)
             for name in self.shared_names:
-                self.params[name].grad = shared_jacobian.weighted_sum(name, task_weights)
+                grads[name] = shared_jacobian.weighted_sum(name, task_weights)
         for name in self.specific_names:
-            self.params[name].grad = specific_jacobian.weighted_sum(name, task_weights)
-        finite = finite & all_finite([param.grad for param in self.params.values()])
-        return EngineResult(losses=stats.losses, output=output, gramian=gramian, finite=finite)
+            grads[name] = specific_jacobian.weighted_sum(name, task_weights)
+        ordered = [grads[name] for name in self.params]
+        finite = finite & all_finite(ordered)
+        result = EngineResult(losses=stats.losses, output=output, gramian=gramian, finite=finite)
+        return ordered, result
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -397,14 +423,17 @@ class TaskGradientEngine:
             )
         return output
 
-    def _backward_weighted(self, task_losses: Tensor, output: CombinerOutput) -> EngineResult:
+    def _backward_weighted(
+        self, task_losses: Tensor, output: CombinerOutput
+    ) -> tuple[list[Tensor], EngineResult]:
         assert output.weights is not None
         weights = weights_like(output.weights, task_losses)
         params = list(self.params.values())
         grads = torch.autograd.grad((weights * task_losses).sum(), params, allow_unused=True)
-        for param, grad in zip(params, grads):
-            param.grad = torch.zeros_like(param) if grad is None else grad
-        finite = torch.isfinite(task_losses).all() & all_finite([param.grad for param in params])
-        return EngineResult(
+        ordered = [
+            torch.zeros_like(param) if grad is None else grad for param, grad in zip(params, grads)
+        ]
+        finite = torch.isfinite(task_losses).all() & all_finite(ordered)
+        return ordered, EngineResult(
             losses=task_losses.detach(), output=output, gramian=None, finite=finite
         )

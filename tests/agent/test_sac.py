@@ -143,7 +143,7 @@ def test_engine_per_task_gradients_are_each_tasks_own_loss_gradient(arch: str) -
     batch = make_batch(per_task=4)
     next_noise, _ = peek_noise(agent, per_task=4)
     task_ids = torch.arange(TASKS)[:, None].expand(TASKS, 4)
-    target = agent.td_target(batch, task_ids, next_noise)
+    target = agent.td_target(batch.reward, batch.next_obs, batch.done, task_ids, next_noise)
     critic = copy.deepcopy(agent.critic)
     shared = [(n, p) for n, p in critic.named_parameters() if not critic.is_task_specific(n)]
     rows, losses = [], []
