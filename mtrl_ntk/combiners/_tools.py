@@ -5,10 +5,23 @@
   scaling) are defined for positive losses only; a SAC actor loss can be negative.
 - ``adam_step``: the Adam update of ``torch.optim.Adam`` written out on plain
   tensors, so that a combiner's optimiser state is a few tensors in its
-  ``state_dict`` (FAMO's task logits, UW's log-variances).
+  ``state_dict`` (FAMO's task logits, UW's log-variances). Its step count is a
+  0-d tensor, so a compiled update does not see a Python number change per call.
+- ``stats_device``: the device of the statistics a combiner was handed.
 - ``ReproducibleGenerator``: a ``torch.Generator`` on the device of the data,
   seeded from the global torch RNG when the combiner is built, whose state goes
   into the combiner's ``state_dict`` (RLW, GradDrop, PCGrad).
+
+Capture rules the combiners of this package follow (so that the agent can compile
+its whole update as one graph and capture it as one CUDA graph): ``combine`` and
+``update_after_step`` are static-shape tensor code with no host synchronisation
+and no Python branch on a tensor value; every tensor they create is on the device
+of the statistics; their state lives in tensors that they update in place
+(``copy_``, ``add_``, ...), never rebind or grow, listed by ``state_tensors()``.
+``to(device)`` and ``load_state_dict`` run eagerly, before the first compiled
+call; ``load_state_dict`` copies into the existing state tensors (any device to
+any device), so tensors a compiled graph holds stay valid. Random numbers are
+drawn eagerly by ``draw_random`` and reach ``combine`` through ``TaskStats.random``.
 """
 
 from __future__ import annotations
@@ -67,7 +80,7 @@ def adam_step(
     grad: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    step: int,
+    step: Tensor,
     *,
     lr: float,
     weight_decay: float = 0.0,
@@ -76,17 +89,32 @@ def adam_step(
 ) -> None:
     """One in-place Adam step, identical to ``torch.optim.Adam`` (L2 ``weight_decay``, no amsgrad).
 
-    ``step`` is the 1-based index of this step (for the bias corrections).
+    ``step`` is the 1-based index of this step (for the bias corrections), a 0-d
+    float64 tensor on the device of ``param`` that the caller increments in place:
+    the bias corrections are then tensor ops (as ``torch.optim.Adam`` with
+    ``capturable=True``), with no Python number that changes from call to call.
     """
     beta1, beta2 = betas
     if weight_decay != 0.0:
         grad = grad + weight_decay * param
     exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    bias_correction1 = 1.0 - beta1**step
-    bias_correction2 = 1.0 - beta2**step
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+    step = step.to(torch.float64)  # float ** int-tensor would give the default dtype
+    bias_correction1 = 1.0 - torch.pow(beta1, step)
+    bias_correction2 = 1.0 - torch.pow(beta2, step)
+    denom = (exp_avg_sq.sqrt() / bias_correction2.sqrt()).add_(eps)
+    param.addcdiv_(exp_avg * (-lr / bias_correction1), denom)
+
+
+def stats_device(stats: TaskStats, default: torch.device | None = None) -> torch.device:
+    """The device of the first tensor in ``stats`` (``default``, else the CPU, if none)."""
+    for value in (
+        stats.losses, stats.jacobian, stats.gramian, stats.ntk_blocks,
+        stats.representation_jacobian, stats.random,
+    ):
+        if value is not None:
+            return value.device
+    return default if default is not None else torch.device("cpu")
 
 
 def _seed_from_global_rng() -> int:
@@ -148,3 +176,17 @@ class ReproducibleGenerator:
             self._saved_state = None
         else:
             self._saved_state = (str(state["generator_device"]), state["generator_state"].clone())
+
+
+def load_into(target: Tensor, value: Any, name: str) -> None:
+    """Copy a saved state entry into the existing state tensor ``target`` (any device).
+
+    The copy keeps ``target`` (its storage, device and dtype): a compiled graph that
+    holds it stays valid. A shape mismatch raises instead of broadcasting.
+    """
+    value = torch.as_tensor(value)
+    if value.shape != target.shape:
+        raise ValueError(
+            f"state entry {name!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}"
+        )
+    target.copy_(value.to(dtype=target.dtype))

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtrl_ntk.combiners._tools import is_real, positive_losses
+from mtrl_ntk.combiners._tools import is_real, load_into, positive_losses
 from mtrl_ntk.combiners.base import (
     CombinerOutput,
     GradientCombiner,
@@ -54,28 +54,53 @@ class DynamicWeightAverage(GradientCombiner):
             "a real number > 0 (softmax temperature; 2.0 in the paper)",
         )
         self.temperature = float(temperature)
-        # The last (up to) two loss vectors, oldest first: [k, T] with k in 0..2.
-        self.loss_history = torch.zeros(0, num_tasks, dtype=torch.float64)
+        # The last two loss vectors, oldest first, [2, T]; rows not yet filled hold ones.
+        self.loss_history = torch.ones(2, num_tasks, dtype=torch.float64)
+        # How many loss vectors the history holds (0, 1 or 2), a 0-d tensor.
+        self.history_count = torch.zeros((), dtype=torch.int64)
+
+    def to(self, device: torch.device | str) -> DynamicWeightAverage:
+        self.loss_history = self.loss_history.to(device)
+        self.history_count = self.history_count.to(device)
+        return self
+
+    def state_tensors(self) -> list[Tensor]:
+        return [self.loss_history, self.history_count]
 
     def combine(self, stats: TaskStats) -> CombinerOutput:
         if stats.losses is None:
             raise ValueError("dwa needs the per-task losses (Need.LOSSES)")
         losses, nonpositive = positive_losses(stats.losses)  # [T] float64
-        history = self.loss_history.to(losses.device)
-        if history.shape[0] < 2:
-            weights = torch.ones(self.num_tasks, dtype=torch.float64, device=losses.device)
-        else:
-            weights = dwa_weights(history[1], history[0], self.temperature)
-        self.loss_history = torch.cat([history, losses.unsqueeze(0)])[-2:]
+        if self.loss_history.device != losses.device:  # eager convenience; after to(), never
+            self.to(losses.device)
+        history = self.loss_history
+        # Weights 1 until two loss vectors are known (a select, not a Python branch).
+        ratio_weights = dwa_weights(history[1], history[0], self.temperature)
+        weights = torch.where(self.history_count >= 2, ratio_weights, torch.ones_like(losses))
+        history[0].copy_(history[1])
+        history[1].copy_(losses)
+        self.history_count.add_(1).clamp_(max=2)
         return CombinerOutput(
             weights=weights, diagnostics={"weights": weights, "nonpositive_losses": nonpositive}
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loss_history": self.loss_history.clone()}
+        # The filled rows only ([k, T], k = 0, 1, 2; oldest first), as before the fixed buffer.
+        count = int(self.history_count)
+        return {"loss_history": self.loss_history[2 - count:].clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loss_history = state["loss_history"].clone().double()
+        """Copies into the existing buffer (on its device); unfilled rows are set to ones."""
+        saved = torch.as_tensor(state["loss_history"]).to(device="cpu", dtype=torch.float64)
+        if saved.dim() != 2 or saved.shape[0] > 2 or saved.shape[1] != self.num_tasks:
+            raise ValueError(
+                f"dwa: loss_history must be [k, {self.num_tasks}] with k <= 2, "
+                f"got {tuple(saved.shape)}"
+            )
+        count = saved.shape[0]
+        filled = torch.cat([torch.ones(2 - count, self.num_tasks, dtype=torch.float64), saved])
+        load_into(self.loss_history, filled, "loss_history")
+        self.history_count.fill_(count)
 
     def __repr__(self) -> str:
         return f"DynamicWeightAverage(num_tasks={self.num_tasks}, temperature={self.temperature})"

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtrl_ntk.combiners._tools import adam_step, is_real, positive_losses
+from mtrl_ntk.combiners._tools import adam_step, is_real, load_into, positive_losses
 from mtrl_ntk.combiners.base import (
     CombinerOutput,
     GradientCombiner,
@@ -71,6 +71,12 @@ class FAMO(GradientCombiner):
     (3) The logits, their Adam moments and the step count are float64 tensors
     in ``state_dict``. (4) The MTRL port applies FAMO to the critic only; here
     the caller decides which losses a FAMO instance balances.
+
+    Capture: the state (logits, Adam moments, the Adam step count as a 0-d
+    tensor, the losses of the last ``combine`` in a preallocated [T] buffer) is
+    updated in place, and ``combine``/``update_after_step`` do not synchronise.
+    Call ``to(device)`` before the first compiled update; ``load_state_dict``
+    copies into the existing tensors.
     """
 
     need = Need.LOSSES | Need.LOSSES_AFTER_STEP
@@ -91,21 +97,29 @@ class FAMO(GradientCombiner):
         self.logits = torch.zeros(num_tasks, dtype=torch.float64)  # [T]
         self.exp_avg = torch.zeros(num_tasks, dtype=torch.float64)  # [T] Adam first moment
         self.exp_avg_sq = torch.zeros(num_tasks, dtype=torch.float64)  # [T] Adam second moment
-        self.adam_steps = 0
-        self.losses_before: Tensor | None = None  # [T] floored losses of the last combine
+        self.adam_steps = torch.zeros((), dtype=torch.float64)  # Adam's step count
+        # Floored losses of the last combine, [T]; read by update_after_step.
+        self.losses_before = torch.ones(num_tasks, dtype=torch.float64)
+        # Whether losses_before holds a combine's losses (a Python flag, checked in eager mode).
+        self._combined = False
 
-    def _to(self, device: torch.device) -> None:
-        if self.logits.device != device:
-            self.logits = self.logits.to(device)
-            self.exp_avg = self.exp_avg.to(device)
-            self.exp_avg_sq = self.exp_avg_sq.to(device)
+    def to(self, device: torch.device | str) -> FAMO:
+        device = torch.device(device)
+        for name in ("logits", "exp_avg", "exp_avg_sq", "adam_steps", "losses_before"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def state_tensors(self) -> list[Tensor]:
+        return [self.logits, self.exp_avg, self.exp_avg_sq, self.adam_steps, self.losses_before]
 
     def combine(self, stats: TaskStats) -> CombinerOutput:
         if stats.losses is None:
             raise ValueError("famo needs the per-task losses (Need.LOSSES)")
         losses, nonpositive = positive_losses(stats.losses, shift=True)  # [T] float64, ℓ + 1e-8
-        self._to(losses.device)
-        self.losses_before = losses
+        if self.logits.device != losses.device:  # eager convenience; after to(), never taken
+            self.to(losses.device)
+        self.losses_before.copy_(losses)
+        self._combined = True
         weights = famo_weights(self.logits, losses)
         return CombinerOutput(
             weights=weights,
@@ -117,11 +131,11 @@ class FAMO(GradientCombiner):
         )
 
     def update_after_step(self, losses_after: Tensor) -> None:
-        if self.losses_before is None:
+        if not torch.compiler.is_compiling() and not self._combined:
             raise ValueError("famo: update_after_step called before combine")
-        losses_after, _ = positive_losses(losses_after.to(self.losses_before.device), shift=True)
+        losses_after, _ = positive_losses(losses_after, shift=True)
         gradient = famo_logit_gradient(self.logits, self.losses_before, losses_after)
-        self.adam_steps += 1
+        self.adam_steps.add_(1.0)
         adam_step(
             self.logits, gradient, self.exp_avg, self.exp_avg_sq, self.adam_steps,
             lr=self.w_lr, weight_decay=self.gamma,
@@ -132,17 +146,18 @@ class FAMO(GradientCombiner):
             "logits": self.logits.clone(),
             "exp_avg": self.exp_avg.clone(),
             "exp_avg_sq": self.exp_avg_sq.clone(),
-            "adam_steps": self.adam_steps,
-            "losses_before": None if self.losses_before is None else self.losses_before.clone(),
+            "adam_steps": self.adam_steps.clone(),
+            "losses_before": self.losses_before.clone() if self._combined else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.logits = state["logits"].clone().double()
-        self.exp_avg = state["exp_avg"].clone().double()
-        self.exp_avg_sq = state["exp_avg_sq"].clone().double()
-        self.adam_steps = int(state["adam_steps"])
+        """Copies into the existing state tensors (their device); ``adam_steps`` may be an int."""
+        for name in ("logits", "exp_avg", "exp_avg_sq", "adam_steps"):
+            load_into(getattr(self, name), state[name], name)
         before = state["losses_before"]
-        self.losses_before = None if before is None else before.clone().double()
+        self._combined = before is not None
+        if before is not None:
+            load_into(self.losses_before, before, "losses_before")
 
     def __repr__(self) -> str:
         return f"FAMO(num_tasks={self.num_tasks}, gamma={self.gamma}, w_lr={self.w_lr})"

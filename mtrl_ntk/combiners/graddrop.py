@@ -47,9 +47,15 @@ class GradDrop(GradientCombiner):
     Each call draws U ~ Uniform[0, 1) per coordinate and keeps, at every
     coordinate, either only the positive or only the negative task-gradient
     components (positive with probability P = ½ (1 + Σ_i g_i / Σ_i |g_i|)); the
-    direction is Σ_i of the kept components. U comes from the combiner's own
-    ``torch.Generator`` on the gradients' device, seeded from torch's global RNG
-    when the combiner is built and saved in ``state_dict``.
+    direction is Σ_i of the kept components. U (float32, [d]) comes from the
+    combiner's own ``torch.Generator`` on the gradients' device, seeded from
+    torch's global RNG when the combiner is built and saved in ``state_dict``.
+
+    Capture: ``draw_random(d, device)`` draws U eagerly, before the compiled
+    update, and ``combine`` reads it from ``stats.random``; without it (the pure
+    function path) ``combine`` draws U itself, the same numbers for the same
+    generator state. ``state_tensors()`` is empty (the generator state is not a
+    tensor, and a draw is not undone by restoring them).
 
     Scale convention: a sum over tasks (where all tasks agree the coordinate is
     Σ_i g_i, T times the LS update), as the authors' sum of the masked gradients.
@@ -71,12 +77,18 @@ class GradDrop(GradientCombiner):
         super().__init__(num_tasks)
         self.random = ReproducibleGenerator()
 
+    def draw_random(self, shared_dim: int, device: torch.device) -> Tensor:
+        """U ~ Uniform[0, 1) [d] float32 on ``device``, from the combiner's generator."""
+        generator = self.random.get(device)
+        return torch.rand(shared_dim, generator=generator, dtype=torch.float32, device=device)
+
     def combine(self, stats: TaskStats) -> CombinerOutput:
         grads = task_gradients(stats).detach()  # [T, d]
-        generator = self.random.get(grads.device)
-        uniform = torch.rand(
-            grads.shape[1], generator=generator, device=grads.device, dtype=grads.dtype
-        )  # [d]
+        uniform = stats.random
+        if uniform is None:
+            uniform = self.draw_random(grads.shape[1], grads.device)
+        elif uniform.shape != grads.shape[1:]:
+            raise ValueError(f"graddrop: stats.random must have shape [{grads.shape[1]}]")
         direction = sign_dropout(grads, uniform)
         weights = torch.ones(self.num_tasks, dtype=torch.float64, device=grads.device)
         return CombinerOutput(direction=direction, diagnostics={"weights": weights})

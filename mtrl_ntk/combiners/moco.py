@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtrl_ntk.combiners._tools import is_real, positive_losses, task_gradients
+from mtrl_ntk.combiners._tools import is_real, load_into, positive_losses, task_gradients
 from mtrl_ntk.combiners.base import (
     CombinerOutput,
     GradientCombiner,
@@ -48,6 +48,16 @@ class MoCo(GradientCombiner):
     ``diagnostics["nonpositive_losses"]``. (4) Y Yᵀ and λ are computed in
     float64; y keeps the dtype of the gradients. ``diagnostics["weights"]`` is λ
     (the weights of the tracked gradients, not of the raw g_i).
+
+    Capture: y is a [T, d] buffer of zeros (y = 0 at start, so the first update
+    is the same formula as every other) and λ a [T] tensor, both updated in
+    place. d is not known when the combiner is built: ``draw_random(d, device)``,
+    which the agent calls eagerly before every update, allocates y once (in
+    torch's default dtype, that of the parameters) and returns None; the pure
+    function path allocates it on the first ``combine``. A compiled update must
+    therefore follow a ``draw_random`` (or an eager update, or a
+    ``load_state_dict``); then no call rebinds y. A y whose dtype or device
+    differs from the gradients' is cast once, eagerly (as before).
     """
 
     need = Need.JACOBIAN | Need.LOSSES
@@ -66,8 +76,44 @@ class MoCo(GradientCombiner):
         self.beta = float(beta)
         self.gamma = float(gamma)
         self.rho = float(rho)
-        self.tracked_gradients: Tensor | None = None  # y, [T, d]
+        self.tracked_gradients: Tensor | None = None  # y, [T, d], allocated once d is known
         self.task_weights = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)  # λ
+
+    def _allocate(self, shared_dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        tracked = self.tracked_gradients
+        if tracked is None:
+            tracked = torch.zeros(self.num_tasks, shared_dim, dtype=dtype, device=device)
+        elif tracked.shape != (self.num_tasks, shared_dim):
+            raise ValueError(
+                f"moco: gradient shape changed from {tuple(tracked.shape)} to "
+                f"{(self.num_tasks, shared_dim)}"
+            )
+        elif tracked.device != device or tracked.dtype != dtype:
+            tracked = tracked.to(device=device, dtype=dtype)
+        self.tracked_gradients = tracked
+        return tracked
+
+    def draw_random(self, shared_dim: int, device: torch.device) -> None:
+        """Draws nothing; allocates y [T, d] on ``device`` the first time (see the class doc)."""
+        if self.tracked_gradients is None or self.tracked_gradients.device != torch.device(device):
+            dtype = (
+                torch.get_default_dtype() if self.tracked_gradients is None
+                else self.tracked_gradients.dtype
+            )
+            self._allocate(shared_dim, torch.device(device), dtype)
+        return None
+
+    def to(self, device: torch.device | str) -> MoCo:
+        device = torch.device(device)
+        self.task_weights = self.task_weights.to(device)
+        if self.tracked_gradients is not None:
+            self.tracked_gradients = self.tracked_gradients.to(device)
+        return self
+
+    def state_tensors(self) -> list[Tensor]:
+        """λ, and y once allocated (call after ``draw_random`` or a first update)."""
+        tracked = [] if self.tracked_gradients is None else [self.tracked_gradients]
+        return [*tracked, self.task_weights]
 
     def combine(self, stats: TaskStats) -> CombinerOutput:
         if stats.losses is None:
@@ -80,29 +126,21 @@ class MoCo(GradientCombiner):
             norms = grads.norm(dim=1)
         scale = losses.to(grads.dtype) / (norms + _NORM_EPS)  # h_i = scale_i g_i = ℓ_i g_i / ‖g_i‖
 
-        tracked = self.tracked_gradients
-        if tracked is None:
-            tracked = grads * (self.beta * scale).unsqueeze(1)  # y = 0 - β (0 - h)
-        elif tracked.shape != grads.shape:
-            raise ValueError(
-                f"moco: gradient shape changed from {tuple(tracked.shape)} to {tuple(grads.shape)}"
-            )
-        else:
-            # y ← y - β (y - h) = (1 - β) y + β h, in place and without forming h: [T, d] is large.
-            tracked = tracked.to(device=grads.device, dtype=grads.dtype)
-            tracked.mul_(1.0 - self.beta).addcmul_(grads, (self.beta * scale).unsqueeze(1))
+        # y ← y - β (y - h) = (1 - β) y + β h, in place and without forming h: [T, d] is large.
+        tracked = self._allocate(grads.shape[1], grads.device, grads.dtype)
+        tracked.mul_(1.0 - self.beta).addcmul_(grads, (self.beta * scale).unsqueeze(1))
 
+        if self.task_weights.device != grads.device:  # eager convenience; after to(), never
+            self.task_weights = self.task_weights.to(grads.device)
         gram = (tracked @ tracked.T).double()  # [T, T]
         gram = gram + self.rho * torch.eye(self.num_tasks, dtype=torch.float64, device=gram.device)
-        task_weights = self.task_weights.to(gram.device)
-        task_weights = torch.softmax(task_weights - self.gamma * (gram @ task_weights), dim=0)
+        task_weights = self.task_weights
+        task_weights.copy_(torch.softmax(task_weights - self.gamma * (gram @ task_weights), dim=0))
 
-        self.tracked_gradients = tracked
-        self.task_weights = task_weights
         direction = task_weights.to(tracked.dtype) @ tracked  # [d]
         return CombinerOutput(
             direction=direction,
-            diagnostics={"weights": task_weights, "nonpositive_losses": nonpositive},
+            diagnostics={"weights": task_weights.clone(), "nonpositive_losses": nonpositive},
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -113,9 +151,16 @@ class MoCo(GradientCombiner):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Copies into the existing tensors (on their device). y is rebound only when it
+        does not exist yet or has another shape (eagerly: before any compiled call)."""
+        load_into(self.task_weights, state["task_weights"], "task_weights")
         tracked = state["tracked_gradients"]
-        self.tracked_gradients = None if tracked is None else tracked.clone()
-        self.task_weights = state["task_weights"].clone().double()
+        if tracked is None:
+            self.tracked_gradients = None
+        elif self.tracked_gradients is None or self.tracked_gradients.shape != tracked.shape:
+            self.tracked_gradients = tracked.to(self.task_weights.device).clone()
+        else:
+            load_into(self.tracked_gradients, tracked, "tracked_gradients")
 
     def __repr__(self) -> str:
         return (

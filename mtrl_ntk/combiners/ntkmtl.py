@@ -29,14 +29,62 @@ def ntk_weights(eigenvalues: Tensor, exponent: float) -> Tensor:
     return torch.where(mean > 0, (mean / floored) ** exponent, torch.ones_like(eigenvalues))
 
 
+# Squarings of the trace-normalised block in ``largest_eigenvalues`` (n >= 3), and how
+# many of them run between two renormalisations.
+_SQUARINGS = 52
+_SQUARINGS_PER_NORMALISATION = 4
+
+
+def largest_eigenvalues(blocks: Tensor) -> Tensor:
+    """λ_max of each symmetric PSD block [T, n, n], in float64, without a host sync.
+
+    ``torch.linalg.eigvalsh`` checks its convergence on the host (a sync on a GPU
+    that also rules out CUDA-graph capture), so: n = 1 gives the entry, n = 2 the
+    closed form (a + c)/2 + hypot((a - c)/2, b), and n >= 3 the ratio of power
+    sums λ ≈ tr(K A) / tr(A), A = K^(2^s), s = 52 squarings of K / tr(K)
+    (renormalised by the trace every 4 squarings: at trace 1 every eigenvalue is
+    <= 1 and the largest >= 1/n, so 4 squarings neither overflow nor underflow
+    the dominant part for n < 10^4; the others may underflow to 0, as they
+    should). With r_k = λ_k/λ_1 the relative error is
+    Σ_k (1 - r_k) r_k^(2^s) / Σ_k r_k^(2^s) <= (n - 1) / (e 2^s) ≈ 8e-17 (n - 1),
+    i.e. float64 rounding, whatever the gap: repeated top eigenvalues are exact
+    (A is then a multiple of the projector on their eigenspace), well-separated ones
+    converge after a few squarings. A zero block gives 0; negative values
+    (rounding of a PSD block) are clamped to 0.
+    """
+    blocks = blocks.double()
+    size, batch_shape = blocks.shape[-1], blocks.shape[:-2]
+    if size == 1:
+        return blocks[..., 0, 0].clamp_min(0.0)
+    if size == 2:
+        a, b, c = blocks[..., 0, 0], blocks[..., 0, 1], blocks[..., 1, 1]
+        return (0.5 * (a + c) + torch.hypot(0.5 * (a - c), b)).clamp_min(0.0)
+    blocks = blocks.reshape(-1, size, size)  # [B, n, n], for torch.bmm
+    tiny = torch.finfo(torch.float64).tiny
+
+    def trace_of(matrix: Tensor) -> Tensor:  # [B, 1, 1]
+        return matrix.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(tiny).reshape(-1, 1, 1)
+
+    trace = blocks.diagonal(dim1=-2, dim2=-1).sum(-1)  # [B]
+    kernel = blocks / trace_of(blocks)  # tr = 1 (0 for a zero block)
+    power = kernel
+    for index in range(_SQUARINGS):
+        power = torch.bmm(power, power)
+        if (index + 1) % _SQUARINGS_PER_NORMALISATION == 0:
+            power = power / trace_of(power)
+    # tr(K A) / tr(A), with tr(A) = 1 after the last renormalisation (52 % 4 == 0).
+    rayleigh = (kernel * power).sum((-2, -1))
+    eigenvalues = torch.where(trace > 0, trace * rayleigh, 0.0).clamp_min(0.0)
+    return eigenvalues.reshape(batch_shape)
+
+
 def top_block_eigenvalues(rows: Tensor) -> Tensor:
     """λ_i = largest eigenvalue of K_ii = J_i J_iᵀ for rows [T, n, d] (any d), in float64.
 
-    K_ii is n x n, so this costs T tiny eigen-decompositions after T*n² dot products.
+    K_ii is n x n, so this costs T*n² dot products and a few tiny batched matmuls.
     """
     rows = rows.double()
-    blocks = rows @ rows.transpose(1, 2)  # [T, n, n]
-    return torch.linalg.eigvalsh(blocks)[:, -1].clamp_min(0.0)
+    return largest_eigenvalues(rows @ rows.transpose(1, 2))  # [T, n, n]
 
 
 def _validate(exponent: float, num_minibatches: int) -> None:
@@ -63,7 +111,9 @@ class NTKMTL(GradientCombiner):
     Scale convention: the update is the *sum* Σ_i w_i g_i (Eq. 12), g_i the
     gradient on the task's whole batch (the mean of its n mini-batch rows).
     Departure: λ_i is floored at 1e-12 · mean_j λ_j so a zero-gradient task gets
-    a large finite weight instead of an infinite one.
+    a large finite weight instead of an infinite one. λ_i of an n x n block
+    (n >= 3) comes from repeated squaring instead of an eigendecomposition
+    (``largest_eigenvalues``: the same value to float64 rounding, no host sync).
     """
 
     need = Need.NTK_BLOCKS
@@ -76,11 +126,8 @@ class NTKMTL(GradientCombiner):
 
     def combine(self, stats: TaskStats) -> CombinerOutput:
         # λ_i from the n x n block when the engine formed it, else from the rows.
-        if stats.ntk_blocks is not None and stats.ntk_blocks.shape[1] == 1:
-            eigenvalues = stats.ntk_blocks[:, 0, 0].double().clamp_min(0.0)  # λ_i = ‖g_i‖²
-        elif stats.ntk_blocks is not None:
-            # eigvalsh checks its convergence on the host (a sync on a GPU); n = 1 needs none.
-            eigenvalues = torch.linalg.eigvalsh(stats.ntk_blocks.double())[:, -1].clamp_min(0.0)
+        if stats.ntk_blocks is not None:
+            eigenvalues = largest_eigenvalues(stats.ntk_blocks)  # n = 1: λ_i = ‖g_i‖²
         else:
             if stats.jacobian is None:
                 raise ValueError("ntkmtl needs the extended NTK or the Jacobian")
@@ -102,7 +149,8 @@ class NTKMTLSR(GradientCombiner):
     their inner products are Eq. 17's kernel entries and the sum is the kernel of
     the mini-batch loss). The update is then one backward pass of Σ_i w_i ℓ_i.
 
-    Scale convention: sum Σ_i w_i ℓ_i (Eq. 12). Departure: the same λ floor as NTKMTL.
+    Scale convention: sum Σ_i w_i ℓ_i (Eq. 12). Departures: the same λ floor and
+    the same sync-free λ_max as NTKMTL.
     """
 
     need = Need.REPRESENTATION_NTK

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from mtrl_ntk.combiners._tools import adam_step, positive_losses
+from mtrl_ntk.combiners._tools import adam_step, load_into, positive_losses
 from mtrl_ntk.combiners.base import (
     CombinerOutput,
     GradientCombiner,
@@ -53,19 +54,26 @@ class UncertaintyWeighting(GradientCombiner):
         self.log_variances = torch.zeros(num_tasks, dtype=torch.float64)  # s, [T]
         self.exp_avg = torch.zeros(num_tasks, dtype=torch.float64)  # [T] Adam first moment
         self.exp_avg_sq = torch.zeros(num_tasks, dtype=torch.float64)  # [T] Adam second moment
-        self.adam_steps = 0
+        self.adam_steps = torch.zeros((), dtype=torch.float64)  # Adam's step count
+
+    def to(self, device: torch.device | str) -> UncertaintyWeighting:
+        device = torch.device(device)
+        for name in ("log_variances", "exp_avg", "exp_avg_sq", "adam_steps"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def state_tensors(self) -> list[Tensor]:
+        return [self.log_variances, self.exp_avg, self.exp_avg_sq, self.adam_steps]
 
     def combine(self, stats: TaskStats) -> CombinerOutput:
         if stats.losses is None:
             raise ValueError("uw needs the per-task losses (Need.LOSSES)")
         losses, nonpositive = positive_losses(stats.losses)  # [T] float64
-        if self.log_variances.device != losses.device:
-            self.log_variances = self.log_variances.to(losses.device)
-            self.exp_avg = self.exp_avg.to(losses.device)
-            self.exp_avg_sq = self.exp_avg_sq.to(losses.device)
+        if self.log_variances.device != losses.device:  # eager convenience; after to(), never
+            self.to(losses.device)
         weights = 0.5 * torch.exp(-self.log_variances)  # [T]
         gradient = 0.5 * (1.0 - torch.exp(-self.log_variances) * losses)  # ∂/∂s of the objective
-        self.adam_steps += 1
+        self.adam_steps.add_(1.0)
         adam_step(
             self.log_variances, gradient, self.exp_avg, self.exp_avg_sq, self.adam_steps,
             lr=LOG_VARIANCE_LR,
@@ -84,11 +92,10 @@ class UncertaintyWeighting(GradientCombiner):
             "log_variances": self.log_variances.clone(),
             "exp_avg": self.exp_avg.clone(),
             "exp_avg_sq": self.exp_avg_sq.clone(),
-            "adam_steps": self.adam_steps,
+            "adam_steps": self.adam_steps.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.log_variances = state["log_variances"].clone().double()
-        self.exp_avg = state["exp_avg"].clone().double()
-        self.exp_avg_sq = state["exp_avg_sq"].clone().double()
-        self.adam_steps = int(state["adam_steps"])
+        """Copies into the existing state tensors (their device); ``adam_steps`` may be an int."""
+        for name in ("log_variances", "exp_avg", "exp_avg_sq", "adam_steps"):
+            load_into(getattr(self, name), state[name], name)

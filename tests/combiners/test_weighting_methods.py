@@ -34,7 +34,8 @@ def test_adam_step_matches_torch_adam_with_weight_decay() -> None:
         grad = torch.randn(5, generator=generator, dtype=torch.float64)
         reference.grad = grad.clone()
         optimizer.step()
-        adam_step(param, grad, exp_avg, exp_avg_sq, index, lr=0.03, weight_decay=0.01)
+        step_count = torch.tensor(float(index), dtype=torch.float64)
+        adam_step(param, grad, exp_avg, exp_avg_sq, step_count, lr=0.03, weight_decay=0.01)
     torch.testing.assert_close(param, reference.detach(), rtol=1e-14, atol=1e-14)
 
 
