@@ -143,8 +143,9 @@ class MultiTaskSAC:
     its own state); either is replaced by ``ls`` when its loss is not in
     ``cfg.balance``. ``seed`` seeds the generator of the policy noise.
     ``compile`` compiles ``update_graph`` as one graph (a CUDA graph on CUDA; see
-    the module docstring); the result is the same update up to floating-point
-    rounding.
+    the module docstring) with ``torch.compile``'s ``compile_backend`` (tests use
+    ``aot_eager``, which skips code generation); the result is the same update up
+    to floating-point rounding.
     """
 
     def __init__(
@@ -159,6 +160,7 @@ class MultiTaskSAC:
         *,
         seed: int = 0,
         compile: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         self.device = torch.device(device)
         self.compile = compile
@@ -213,8 +215,9 @@ class MultiTaskSAC:
         self._critic_loss_fn = self.critic_loss
         self._actor_loss_fn = self.actor_loss_against_critic
         self._update_fn = MaybeCompiled(
-            self.update_graph, "the SAC update", compile, fullgraph=True,
-            mode="reduce-overhead" if self.device.type == "cuda" else None,
+            self.update_graph, "the SAC update", compile, compile_backend, fullgraph=True,
+            mode="reduce-overhead" if self.device.type == "cuda" and compile_backend == "inductor"
+            else None,
             static_tensors=self._state_tensors() if compile else (),
         )
         self.generator = torch.Generator(device=self.device)

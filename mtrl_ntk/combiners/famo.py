@@ -97,7 +97,9 @@ class FAMO(GradientCombiner):
         self.logits = torch.zeros(num_tasks, dtype=torch.float64)  # [T]
         self.exp_avg = torch.zeros(num_tasks, dtype=torch.float64)  # [T] Adam first moment
         self.exp_avg_sq = torch.zeros(num_tasks, dtype=torch.float64)  # [T] Adam second moment
-        self.adam_steps = torch.zeros((), dtype=torch.float64)  # Adam's step count
+        # int64: a 0-d float64 tensor updated in place inside a compiled graph loses the update
+        # (torch 2.13, AOTAutograd; tests/agent/test_captured_update.py pins it).
+        self.adam_steps = torch.zeros((), dtype=torch.int64)  # Adam's step count
         # Floored losses of the last combine, [T]; read by update_after_step.
         self.losses_before = torch.ones(num_tasks, dtype=torch.float64)
         # Whether losses_before holds a combine's losses (a Python flag, checked in eager mode).
@@ -135,7 +137,7 @@ class FAMO(GradientCombiner):
             raise ValueError("famo: update_after_step called before combine")
         losses_after, _ = positive_losses(losses_after, shift=True)
         gradient = famo_logit_gradient(self.logits, self.losses_before, losses_after)
-        self.adam_steps.add_(1.0)
+        self.adam_steps.add_(1)
         adam_step(
             self.logits, gradient, self.exp_avg, self.exp_avg_sq, self.adam_steps,
             lr=self.w_lr, weight_decay=self.gamma,

@@ -54,7 +54,9 @@ class UncertaintyWeighting(GradientCombiner):
         self.log_variances = torch.zeros(num_tasks, dtype=torch.float64)  # s, [T]
         self.exp_avg = torch.zeros(num_tasks, dtype=torch.float64)  # [T] Adam first moment
         self.exp_avg_sq = torch.zeros(num_tasks, dtype=torch.float64)  # [T] Adam second moment
-        self.adam_steps = torch.zeros((), dtype=torch.float64)  # Adam's step count
+        # int64: a 0-d float64 tensor updated in place inside a compiled graph loses the update
+        # (torch 2.13, AOTAutograd; tests/agent/test_captured_update.py pins it).
+        self.adam_steps = torch.zeros((), dtype=torch.int64)  # Adam's step count
 
     def to(self, device: torch.device | str) -> UncertaintyWeighting:
         device = torch.device(device)
@@ -73,7 +75,7 @@ class UncertaintyWeighting(GradientCombiner):
             self.to(losses.device)
         weights = 0.5 * torch.exp(-self.log_variances)  # [T]
         gradient = 0.5 * (1.0 - torch.exp(-self.log_variances) * losses)  # ∂/∂s of the objective
-        self.adam_steps.add_(1.0)
+        self.adam_steps.add_(1)
         adam_step(
             self.log_variances, gradient, self.exp_avg, self.exp_avg_sq, self.adam_steps,
             lr=LOG_VARIANCE_LR,
