@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# GPU check (issue 6): paper-scale steps/s of the real training loop on a fresh GPU machine.
+# GPU check: the paper-scale update, eager vs captured, and the training loop's steps/s.
 #
 #   bash scripts/gpu_check.sh                      # install what is missing, then benchmark
 #   bash scripts/gpu_check.sh --steps 150          # fewer measured steps per run
-#   bash scripts/gpu_check.sh --compile            # also LS and NTKMTL with train.compile=true
+#   bash scripts/gpu_check.sh --combiners "ls ntkmtl nashmtl cagrad"   # update rows
+#   bash scripts/gpu_check.sh --all-combiners      # every combiner (compiles take a while)
+#   bash scripts/gpu_check.sh --no-train           # the update benchmark only
 #   bash scripts/gpu_check.sh --device cpu --steps 5 --no-install   # its Python parts, on a CPU
 #
-# Runs scripts/bench_train.py at paper scale (batch 1280, 3x400, MT10, async env workers)
-# for LS, NTKMTL (n = 1 and n = 4) and Nash-MTL, then prints steps/s, the update-time ratio
-# to LS, peak GPU memory and the projected 2M-step wall time (scripts/bench_report.py).
-# With $OUT set, the results land in $OUT/gpu_check.json (and one JSON per run beside it).
-# Meant to finish in under 5 minutes on one H100 with the default 200 steps per run.
+# 1. scripts/bench_update.py --compile at paper scale (T = 10, batch 1280, 3x400): per
+#    combiner the eager update's ATen ops and host syncs, graph breaks, the eager and the
+#    captured (CUDA graph) update time, and the projected update time of 2M steps.
+# 2. scripts/bench_train.py at paper scale (MT10, async env workers) for LS, NTKMTL (n = 1
+#    and n = 4) and Nash-MTL with train.compile=true (and LS eager), then steps/s, the
+#    update-time ratio to LS, peak GPU memory and the projected 2M-step wall time
+#    (scripts/bench_report.py).
+# With $OUT set, the results land in $OUT/gpu_check.json and $OUT/update.json (and one JSON
+# per run beside them). Meant to finish in under 8 minutes on one H100/H200 with the
+# defaults.
 #
 # Installing: nothing is installed when `import torch, metaworld, ...` already works and
 # torch sees a GPU. Otherwise `pip install torch==2.13.0` (its PyPI wheel is the CUDA build)
@@ -25,14 +32,18 @@ python=${PYTHON:-python3}
 device=cuda
 steps=200
 install=1
-compile=0
+train=1
+combiners="ls ntkmtl ntkmtl:4 nashmtl cagrad"
 while [[ $# -gt 0 ]]; do
     case $1 in
         --device) device=$2; shift 2 ;;
         --steps) steps=$2; shift 2 ;;
         --no-install) install=0; shift ;;
-        --compile) compile=1; shift ;;
-        -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        --no-train) train=0; shift ;;
+        --combiners) combiners=$2; shift 2 ;;
+        --all-combiners) combiners=""; shift ;;
+        --compile) shift ;;  # compiled runs are always included now
+        -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "gpu_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -96,23 +107,39 @@ PY
 results=${OUT:+$OUT/gpu_check_runs}
 results=${results:-$(mktemp -d -t gpu_check.XXXXXX)}
 mkdir -p "$results"
+status=0
+update_json=${OUT:+$OUT/update.json}
+update_json=${update_json:-$results/../update.json}
+read -r -a update_rows <<< "$combiners"
+log "bench_update --compile --device $device ${update_rows[*]:-(all combiners)}"
+if timeout 1200 "$python" scripts/bench_update.py --compile --device "$device" --repeats 20 \
+        --json "${update_rows[@]}" > "$update_json"; then
+    "$python" - "$update_json" <<'PY'
+import json, sys
+results = json.load(open(sys.argv[1]))
+print(f"{'row':<12} {'ops':>6} {'syncs':>5} {'breaks':>6} {'eager ms':>9} {'captured ms':>11} "
+      f"{'x LS':>5} {'speedup':>7} {'2M updates h':>12}")
+for row, r in results.items():
+    print(f"{row:<12} {r['ops']:>6} {r['syncs']:>5} {r['graph_breaks']:>6} {r['wall_ms']:>9.2f} "
+          f"{r['compiled_wall_ms']:>11.2f} {r['compiled_wall_ratio_to_ls']:>5.2f} "
+          f"{r['speedup']:>7.2f} {r['compiled_wall_ms'] * 2e6 / 3.6e6:>12.2f}"
+          + ("" if r["compiled"] else "  (compile failed: eager)"))
+PY
+else
+    log "bench_update failed"
+    status=1
+fi
+[[ $train == 1 ]] || { log "done in $((SECONDS - started)) s"; exit $status; }
+
 # name|bench_train arguments
 runs=(
     "ls|--combiner ls"
-    "ntkmtl_n1|--combiner ntkmtl combiner.num_minibatches=1"
-    "ntkmtl_n4|--combiner ntkmtl combiner.num_minibatches=4"
-    "nashmtl|--combiner nashmtl"
+    "ls_compiled|--combiner ls train.compile=true"
+    "ntkmtl_n1_compiled|--combiner ntkmtl combiner.num_minibatches=1 train.compile=true"
+    "ntkmtl_n4_compiled|--combiner ntkmtl combiner.num_minibatches=4 train.compile=true"
+    "nashmtl_compiled|--combiner nashmtl train.compile=true"
 )
-if [[ $compile == 1 ]]; then
-    if "$python" -c 'import sys; from mtrl_ntk.config import TrainSettings as T; sys.exit(0 if "compile" in T.__dataclass_fields__ else 1)'; then
-        runs+=("ls_compiled|--combiner ls train.compile=true"
-               "ntkmtl_n4_compiled|--combiner ntkmtl combiner.num_minibatches=4 train.compile=true")
-    else
-        log "this checkout has no train.compile setting: compiled runs skipped"
-    fi
-fi
 
-status=0
 for run in "${runs[@]}"; do
     name=${run%%|*}
     read -r -a arguments <<< "${run#*|}"

@@ -216,44 +216,73 @@ def assert_same_state(actual: list[tuple[str, Any]], expected: list[tuple[str, A
             assert value == reference, path
 
 
+def without_counters(state: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """A skipped update consumes its policy noise and counts itself: all else stays.
+    (FAMO's ``losses_before`` only carries a loss from its combine to its update within
+    one update: its checkpoint entry says whether one was ever made.)"""
+    return [(path, value) for path, value in state
+            if not path.startswith((".generator", ".health", ".critic_combiner.losses_before"))]
+
+
 def test_a_skipped_update_leaves_every_part_of_the_agent_unchanged(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     agent, buffer = tiny_agent_and_buffer()
     guard = UpdateGuard(agent, ["a", "b", "c"], max_consecutive_skips=3)
     sampler = torch.Generator().manual_seed(2)
-    assert guard.update(buffer.sample(4, sampler), step=1) is not None  # Adam state exists now
+    assert bool(guard.update(buffer.sample(4, sampler), step=1)["finite"])
     before = flat_state(agent)
 
-    assert guard.update(poison_batch(buffer.sample(4, sampler), task=1), step=2) is None
-    # Networks, target critic, temperature, Adam moments and steps, FAMO's state, noise RNG.
-    assert_same_state(flat_state(agent), before)
+    metrics = guard.update(poison_batch(buffer.sample(4, sampler), task=1), step=2)
+    assert not bool(metrics["finite"])
+    assert all(not value.any() for key, value in metrics.items() if key != "finite")
+    # Networks, target critic, temperature, Adam moments and steps, FAMO's state.
+    assert_same_state(without_counters(flat_state(agent)), without_counters(before))
+    assert capsys.readouterr().err == ""  # reported at the next check, not at the update
+    guard.check(step=2)
     assert "non-finite critic loss of task b (nan) at step 2: update skipped" in (
         capsys.readouterr().err
     )
     metrics = guard.update(buffer.sample(4, sampler), step=3)
-    assert metrics is not None and bool(metrics["finite"])
-    assert guard.consecutive_skips == 0 and guard.total_skips == 1
+    assert bool(metrics["finite"])
+    guard.check(step=3)
+    assert agent.health.read()["consecutive"] == 0 and guard.total_skips == 1
     changed = [path for (path, value), (_, old) in zip(flat_state(agent), before, strict=True)
                if isinstance(value, torch.Tensor) and not torch.equal(value, old)]
     assert any("critic" in path for path in changed)  # a finite update does update
 
 
-def test_the_first_update_skipped_leaves_the_optimisers_empty() -> None:
+def test_the_first_update_skipped_leaves_the_optimisers_at_step_zero() -> None:
     agent, buffer = tiny_agent_and_buffer()
     before = flat_state(agent)
     guard = UpdateGuard(agent, ["a", "b", "c"], max_consecutive_skips=3)
-    assert guard.update(poison_batch(buffer.sample(4), task=0), step=1) is None
-    assert_same_state(flat_state(agent), before)
-    assert not agent.critic_optimizer.state  # Adam's lazy state was not created
+    assert not bool(guard.update(poison_batch(buffer.sample(4), task=0), step=1)["finite"])
+    assert_same_state(without_counters(flat_state(agent)), without_counters(before))
+    assert int(agent.critic_optimizer.step_count) == 0
 
 
 def test_consecutive_skips_stop_the_run_with_the_step_and_the_task() -> None:
     agent, buffer = tiny_agent_and_buffer()
     guard = UpdateGuard(agent, ["a", "b", "c"], max_consecutive_skips=2)
-    assert guard.update(poison_batch(buffer.sample(4), task=2), step=7) is None
+    guard.update(poison_batch(buffer.sample(4), task=2), step=7)
+    guard.check(step=7)  # one skip: reported, no stop
+    guard.update(poison_batch(buffer.sample(4), task=2), step=8)
     with pytest.raises(NonFiniteUpdates, match=r"step 8: 2 consecutive .* task c \(nan\)"):
-        guard.update(poison_batch(buffer.sample(4), task=2), step=8)
+        guard.check(step=8)
+
+
+def test_skips_between_two_checks_are_counted_and_the_last_one_is_named(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    agent, buffer = tiny_agent_and_buffer()
+    guard = UpdateGuard(agent, ["a", "b", "c"], max_consecutive_skips=5)
+    for step, task in ((1, 0), (2, None), (3, 2), (4, None)):
+        batch = buffer.sample(4)
+        guard.update(batch if task is None else poison_batch(batch, task=task), step=step)
+    guard.check(step=4)
+    err = capsys.readouterr().err
+    assert "task c (nan) at step 3: update skipped (2 since the last check, 0 in a row, " in err
+    assert guard.total_skips == 2 and guard.skips_since_eval == 2
 
 
 # -- environments ---------------------------------------------------------------------------

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from mtrl_ntk.envs import StepResult
-from mtrl_ntk.train import EpisodeStats, MetricAccumulator, conflict_counts, metric_scalars
+from mtrl_ntk.agent.sac import _combiner_metrics
+from mtrl_ntk.combiners.base import CombinerOutput
+from mtrl_ntk.engine import EngineResult
+from mtrl_ntk.train import EpisodeStats, MetricAccumulator, metric_scalars
 
 TASKS = ["reach-v3", "push-v3", "pick-place-v3"]
 
@@ -51,8 +54,21 @@ def test_scalars_get_one_tag_per_task_and_gramians_are_left_to_the_image() -> No
 
 def test_conflicting_pairs_count_negative_off_diagonal_gramian_entries_once() -> None:
     gradients = torch.tensor([[1.0, 0.0], [-1.0, 0.1], [0.0, 1.0]])  # 0-1 conflict only
-    counts = conflict_counts({"critic_gramian": gradients @ gradients.T})
-    assert counts == {"critic_conflicting_pairs": torch.tensor(1)}
+    result = EngineResult(
+        losses=torch.ones(3), output=CombinerOutput(weights=torch.ones(3)),
+        gramian=gradients @ gradients.T, finite=torch.tensor(True),
+    )
+    assert _combiner_metrics("critic", result)["critic_conflicting_pairs"] == 1
+
+
+def test_skipped_updates_count_in_the_finite_fraction_only() -> None:
+    window = MetricAccumulator()
+    window.add({"critic_loss": torch.tensor(2.0), "finite": torch.tensor(True)})
+    window.add({"critic_loss": torch.tensor(0.0), "finite": torch.tensor(False)})  # skipped
+    window.add({"critic_loss": torch.tensor(4.0), "finite": torch.tensor(True)})
+    means = window.means()
+    assert means["critic_loss"] == pytest.approx(3.0)
+    assert means["finite"] == pytest.approx(2 / 3)
 
 
 def _step(ended: list[bool], success: list[bool], returns: list[float]) -> StepResult:
