@@ -37,7 +37,7 @@ def cagrad_dual(gramian: Tensor, c: float, start: Tensor | None = None) -> CAGra
     face the stationary point has a closed form (``solvers.face_points``: the
     quadratic for the multiplier), so for T <= 12 all faces are solved in one batch
     and the best feasible one is the optimum; for T > 12 a fixed budget of
-    primal-dual active-set steps from ``start`` (previous dual weights).
+    primal active-set steps from ``start`` (previous dual weights).
     """
     scaled = scale_gramian(gramian)
     hessian = scaled.regularised_cosines()
@@ -73,7 +73,7 @@ class CAGrad(WarmStart, GramianCombiner):
     LS. We solve the dual on the Gramian in float64 on its device with no host
     synchronisation (``cagrad_dual``): for T <= 12 exactly, as the best feasible
     closed-form stationary point over all 2^T - 1 faces (one batched Cholesky
-    solve); for T > 12 by 12 primal-dual active-set steps warm-started from the
+    solve); for T > 12 by T + 10 primal active-set steps warm-started from the
     previous dual weights (``state_dict``), exact once the support is found but
     not guaranteed within the budget (``kkt_violation``, ``solver_converged``).
 

@@ -53,7 +53,7 @@ class MGDA(WarmStart, GramianCombiner):
     on the Gramian's device with no host synchronisation: for T <= 12 exactly, by
     solving all 2^T - 1 faces in one batched Cholesky solve and keeping the best
     feasible face point (KKT: (GGᵀw)_i equal to the multiplier on the support of w
-    and >= it elsewhere); for T > 12 (MT50) by 12 primal-dual active-set steps
+    and >= it elsewhere); for T > 12 (MT50) by T + 10 primal active-set steps
     warm-started from the previous weights (``state_dict``), which is exact once the
     support is found but not guaranteed within that budget: ``kkt_violation`` and
     ``solver_converged`` (violation <= 1e-8) report it.
