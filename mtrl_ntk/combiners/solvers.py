@@ -61,6 +61,8 @@ MAX_ENUMERATED_TASKS = 12
 # step adds or drops one task; from the uniform start at most T - |support| drops are
 # needed, and a warm start is usually a few steps from the optimum).
 ACTIVE_SET_EXTRA_STEPS = 10
+# CAGrad's active-set steps also try the majorisers at t = 4^k ‖u‖_H for these k.
+MAJORISER_SCALES = tuple(4.0**k for k in range(-3, 7))
 _EPS = torch.finfo(torch.float64).eps
 
 
@@ -274,10 +276,11 @@ def _active_set(
     it becomes the iterate and the bound with the most negative multiplier (if below
     -KKT_TOLERANCE, relative) joins F, else the iterate walks towards it until the
     first coordinate hits 0, which leaves F. For CAGrad's objective the face step is
-    that of the majoriser qᵀu + ρ(uᵀHu/t + t)/2, t = ‖u_k‖_H (equal at u_k, so the
-    objective decreases monotonically), and the exact closed-form stationary point of
-    the face is taken instead whenever it is feasible and better: once the support is
-    right the answer is exact. All branches are ``torch.where`` on [T] tensors.
+    the closed-form stationary point of the face (the objective is convex on it, so
+    the walk descends); where the face has none, the face minimiser of the majoriser
+    qᵀu + ρ(uᵀHu/t + t)/2, t = ‖u_k‖_H (equal at u_k, so the objective decreases).
+    Once the support is right the answer is exact. All branches are ``torch.where``
+    on [T] tensors; a step that would not decrease the objective is not taken.
     """
     size = hessian.shape[0]
     uniform = 1.0 / (size * constraint)
@@ -301,41 +304,46 @@ def _active_set(
         ok = (info == 0) & (cc > 0)
         cc = torch.where(ok, cc, 1.0)
         if radius is None:
-            target = ((1.0 + cq) / cc) * x - y
+            targets = (((1.0 + cq) / cc) * x - y).unsqueeze(0)  # [1, T] the face minimiser
+            exact_row = ok.unsqueeze(0)
         else:
-            # The majoriser's face minimiser (QP with linear term (t/ρ) q) ...
-            ratio = (point @ hessian @ point).clamp_min(0.0).sqrt() / radius
-            target = ((1.0 + ratio * cq) / cc) * x - ratio * y
-            # ... and the exact stationary point of the face, when it exists.
+            # The exact stationary point of the face, when it exists (the objective is
+            # convex on the face, so walking towards it descends) ...
             qq = masked_q @ y
             discriminant = cq**2 - cc * qq + cc * radius**2
-            lam = torch.where(discriminant > 0, discriminant, 1.0).sqrt()
-            exact = (((cq + lam) / cc) * x - y) / lam * mask
-            exact_ok = (discriminant > 0) & (exact >= 0).all()
-            exact_value = torch.where(
-                exact_ok, _objective(hessian, linear, exact, radius), torch.inf
-            )
-        target = target * mask
-        interior = ok & ((target > 0) | ~free).all()
-        # Walk towards the target until the first free coordinate reaches 0.
-        gap = point - target
-        blocking = free & (target <= 0) & (gap > 0)
+            exists = ok & (discriminant > 0)
+            lam = torch.where(exists, discriminant, 1.0).sqrt()
+            exact = (((cq + lam) / cc) * x - y) / lam
+            # ... and the face minimisers of the majorisers qᵀu + ρ(uᵀHu/t + t)/2 at
+            # t = 4^k ‖u_k‖_H: k = 0 is the MM step (descent guaranteed), the others let t
+            # move by decades per step where the plain MM step would crawl.
+            norm = (point @ hessian @ point).clamp_min(1e-300).sqrt()
+            scales = torch.tensor(MAJORISER_SCALES, dtype=torch.float64, device=point.device)
+            ratios_t = (norm / radius) * scales  # [k] t/ρ
+            offsets = ((1.0 + ratios_t * cq) / cc).unsqueeze(1)
+            majorisers = offsets * x - ratios_t.unsqueeze(1) * y
+            targets = torch.cat([torch.where(exists, exact, point).unsqueeze(0), majorisers])
+            no = torch.zeros_like(ratios_t, dtype=torch.bool)
+            exact_row = torch.cat([exists.unsqueeze(0), no])
+        targets = targets * mask
+        interior = ok & ((targets > 0) | ~free).all(1)  # [k]
+        # Walk towards each target until the first free coordinate reaches 0.
+        gap = point - targets
+        blocking = free & (targets <= 0) & (gap > 0)
         ratios = torch.where(blocking, point / torch.where(blocking, gap, 1.0), torch.inf)
-        alpha = ratios.amin().clamp(0.0, 1.0)
-        leaving = ratios.argmin()
-        walked = (point + alpha * (target - point)).clamp_min(0.0)
-        walked = walked.index_put((leaving.unsqueeze(0),), walked.new_zeros(1))
-        moved = torch.where(interior, target, walked)
-        moved = moved / (constraint @ moved).clamp_min(1e-300)
-        stationary = interior  # the QP's face minimiser: its multipliers are meaningful
-        if radius is not None:
-            moved_value = _objective(hessian, linear, moved, radius)
-            stationary = exact_value <= moved_value + 1e-13 * moved_value.abs()
-            moved = torch.where(stationary, exact / (constraint @ exact).clamp_min(1e-300), moved)
-        stationary = stationary & ok
-        moved = torch.where(ok, moved, point)
-        moved_value = _objective(hessian, linear, moved, radius)
-        improved = moved_value <= value
+        alpha = ratios.amin(1).clamp(0.0, 1.0)
+        walked = (point + alpha.unsqueeze(1) * (targets - point)).clamp_min(0.0)
+        walked = walked.scatter(1, ratios.argmin(1, keepdim=True), 0.0)
+        moved = torch.where(interior.unsqueeze(1), targets, walked)
+        moved = moved / (moved @ constraint).clamp_min(1e-300).unsqueeze(1)
+        values = torch.where(ok, _objective(hessian, linear, moved, radius), torch.inf)
+        values = torch.nan_to_num(values, nan=torch.inf)
+        best = values.argmin()
+        moved_value = values.index_select(0, best.unsqueeze(0)).squeeze(0)
+        moved = moved.index_select(0, best.unsqueeze(0)).squeeze(0)
+        # At a face's stationary point the bound multipliers are meaningful.
+        stationary = (interior & exact_row).index_select(0, best.unsqueeze(0)).squeeze(0)
+        improved = moved_value <= value + 1e-14 * value.abs()  # rounding must not stall it
         point = torch.where(improved, moved, point)
         value = torch.where(improved, moved_value, value)
         # Free set: the support, plus the bound with the most negative multiplier.
