@@ -293,6 +293,7 @@ def _active_set(
         point = torch.where(usable, start / torch.where(usable, total, 1.0), uniform)
     free = point > 0
     value = _objective(hessian, linear, point, radius)
+    tasks = torch.arange(size, device=hessian.device)
     for _ in range(size + ACTIVE_SET_EXTRA_STEPS):
         mask = free.double()
         system = hessian * torch.outer(mask, mask) + torch.diag(1.0 - mask)
@@ -350,7 +351,7 @@ def _active_set(
         violation_by_task = _bound_multipliers(hessian, linear, constraint, point, radius)
         support = point > 0
         entering = torch.where(support, torch.inf, violation_by_task)
-        joins = torch.nn.functional.one_hot(entering.argmin(), size).bool()
+        joins = tasks == entering.argmin()  # (one_hot would check its input on the host)
         # (Only at a face's stationary point: elsewhere the multipliers mean nothing.)
         free = support | (joins & (entering.amin() < -KKT_TOLERANCE) & stationary & improved)
     return point, ~torch.isfinite(value)

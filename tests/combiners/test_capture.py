@@ -41,6 +41,7 @@ CASES = {
     "zero_task": torch.cat([sample_task_gradients(tasks=3, dim=12, seed=43),
                             torch.zeros(1, 12, dtype=torch.float64)]),
     "identical": sample_task_gradients(tasks=1, dim=12, seed=44).repeat(3, 1),
+    "fifty_tasks": sample_task_gradients(tasks=50, dim=60, seed=47),  # the T > 12 paths
 }
 
 
