@@ -10,10 +10,10 @@ from torch import Tensor
 
 from mtrl_ntk.combiners.base import check_param, register_combiner
 from mtrl_ntk.combiners.solvers import (
-    JACOBI_SWEEPS,
     GramianCombiner,
     jacobi_column_orthogonalise,
     jacobi_eigh,
+    jacobi_sweeps,
     relative_rank_mask,
     scale_gramian,
 )
@@ -50,18 +50,20 @@ def alignment_of(gramian: Tensor, scale_mode: str) -> Alignment:
     factors when the task norms span 1e-4..1e4 (Demmel & Veselić 1992); and, unlike
     eigh/svd, it checks no ``info`` on the host. The rank r is that of C at float64
     resolution; the r largest eigenvalues of GGᵀ are kept, by a mask. Both Jacobi
-    methods run a fixed 8 sweeps (cyclic Jacobi converges quadratically; 8 reach
-    float64 resolution in our tests up to T = 50).
+    methods run a fixed number of sweeps (``jacobi_sweeps``: 5 for T <= 5, 7 up to 20,
+    8 beyond; cyclic Jacobi converges quadratically and these reach float64 resolution
+    in our tests up to T = 50).
     """
     scaled = scale_gramian(gramian)
-    cosine_eigenvalues, cosine_eigenvectors = jacobi_eigh(scaled.cosines, JACOBI_SWEEPS)
+    sweeps = jacobi_sweeps(gramian.shape[0])
+    cosine_eigenvalues, cosine_eigenvectors = jacobi_eigh(scaled.cosines, sweeps)
     rank = relative_rank_mask(cosine_eigenvalues).sum()  # r, the rank of C
     root = torch.where(
         relative_rank_mask(cosine_eigenvalues), cosine_eigenvalues, 0.0
     ).clamp_min(0.0).sqrt()
     # X = Θ^(1/2) V_Cᵀ S: XᵀX = S C S = GGᵀ, columns graded by the task norms.
     factor = root.unsqueeze(1) * cosine_eigenvectors.T * scaled.norms
-    factor, vectors = jacobi_column_orthogonalise(factor, JACOBI_SWEEPS)
+    factor, vectors = jacobi_column_orthogonalise(factor, sweeps)
     squared = (factor * factor).sum(0)  # [T] eigenvalues of GGᵀ, ~0 in the T - r null ones
     # The r largest are the nonzero ones: the null ones are at rounding level,
     # ~(eps max‖g‖)², far below (min‖g‖)² · θ_min(C) for norms spanning 1e-4..1e4.
@@ -129,7 +131,7 @@ class AlignedMTL(GramianCombiner):
     GGᵀ directly, so with task norms spanning more than ~1e3 the weak tasks'
     directions are dropped or inaccurate; we take the rank of the cosine matrix
     at float64 resolution and compute the eigenpairs from a graded factor by
-    Jacobi methods with a fixed budget of 8 sweeps each (see ``alignment_of``;
+    Jacobi methods with a fixed budget of 5-8 sweeps each (see ``alignment_of``;
     no eigh/svd, which synchronise with the host on CUDA), so every task
     direction is kept and aligned. A zero task gradient contributes no
     eigen-direction and gets weight 0 (as in the authors' code). Non-finite

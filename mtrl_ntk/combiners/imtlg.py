@@ -9,9 +9,9 @@ from torch import Tensor
 
 from mtrl_ntk.combiners.base import register_combiner
 from mtrl_ntk.combiners.solvers import (
-    JACOBI_SWEEPS,
     GramianCombiner,
     jacobi_eigh,
+    jacobi_sweeps,
     relative_rank_mask,
     scale_gramian,
 )
@@ -29,13 +29,13 @@ def equal_projection_weights(gramian: Tensor) -> tuple[Tensor, Tensor, dict[str,
     0 and α is the minimum-norm solution of C S α = 0, Σα = 1 (then d = 0: no
     nonzero direction has equal projections, e.g. T > d generic gradients).
     Both are computed (eigenpairs of C by cyclic Jacobi, ``solvers.jacobi_eigh``,
-    8 sweeps: no eigh, which synchronises on CUDA) and chosen by a mask
+    ``jacobi_sweeps``: no eigh, which synchronises on CUDA) and chosen by a mask
     (``direction_is_zero`` reports the second case). Fails if neither exists.
     """
     scaled = scale_gramian(gramian)
     live = ~scaled.zero
     inverse_norms = torch.where(live, 1.0 / scaled.scale, 0.0)  # Σ α_i = Σ (S α)_i / ‖g_i‖
-    eigenvalues, eigenvectors = jacobi_eigh(scaled.cosines, JACOBI_SWEEPS)
+    eigenvalues, eigenvectors = jacobi_eigh(scaled.cosines, jacobi_sweeps(gramian.shape[0]))
     # Zero tasks' rows of C are 0: their eigenvectors are their unit vectors, eigenvalue 0,
     # so they are outside ``kept`` and receive nothing below.
     kept = relative_rank_mask(eigenvalues)
@@ -74,7 +74,7 @@ class IMTLG(GramianCombiner):
     tasks, collinear gradients, T > d) is solved with a pseudo-inverse instead
     of ``torch.inverse`` (see ``equal_projection_weights``; for T > d generic
     gradients only d = 0 has equal projections). The eigenpairs of the cosine
-    matrix come from 8 sweeps of cyclic Jacobi (as accurate as eigh). A zero task
+    matrix come from 5-8 sweeps of cyclic Jacobi (as accurate as eigh). A zero task
     gradient has no unit vector: it is left out of the conditions and gets α_i = 0.
     Where no α exists, or for a non-finite or all-zero Gramian, the LS weights 1/T
     are used with ``solver_fallback`` = 1. IMTL-L's loss scaling is not part of
