@@ -433,18 +433,25 @@ def solve_power_balance(
     device = cosines.device
     m = norms ** ((power - 1.0) / (power + 1.0))  # [n]
 
-    def objective(points: Tensor) -> Tensor:  # [..., n] -> [...]
-        quadratic = 0.5 * ((points @ cosines) * points).sum(-1)
-        return quadratic + (m**2 * _balance_penalty(points / m, power)).sum(-1)
-
+    squared_m = m * m
     absolute = cosines.abs()
 
-    def residual(points: Tensor) -> Tensor:  # [..., n] -> [...]
-        # |v_i^p (C u)_i / m_i - 1| relative to the size of the terms of (C u)_i (at least 1):
-        # where they cancel (weights spanning decades) float64 cannot resolve better.
-        factor = (points / m) ** power / m
-        terms = (factor * (points.abs() @ absolute)).clamp_min(1.0)
-        return ((factor * (points @ cosines) - 1.0).abs() / terms).amax(-1)
+    def evaluate(points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """f, the residual and C u for positive points [k, n] (one matmul shared)."""
+        products = points @ cosines
+        scaled = points / m
+        value = 0.5 * (products * points).sum(-1) + (
+            squared_m * _balance_penalty(scaled, power)
+        ).sum(-1)
+        # |v_i^p (C u)_i / m_i - 1| relative to the size of the terms of (C u)_i (at least
+        # 1): where they cancel (weights spanning decades) float64 cannot resolve better.
+        factor = (scaled if power == 1.0 else scaled**power) / m
+        terms = (factor * (points @ absolute)).clamp_min(1.0)
+        residual = ((factor * products - 1.0).abs() / terms).amax(-1)
+        return value, residual, products
+
+    def pick(index: Tensor, *rows: Tensor) -> list[Tensor]:
+        return [row.index_select(0, index.unsqueeze(0)).squeeze(0) for row in rows]
 
     ones = torch.ones_like(norms)
     candidates = ones.unsqueeze(0)
@@ -455,16 +462,23 @@ def solve_power_balance(
     rays = m * candidates  # [s, n]
     # Best multiple τ of each start: d/dτ f(τ ray) = 0.
     curvature = ((rays @ cosines) * rays).sum(-1).clamp_min(1e-300)
-    tau = ((m**2 * candidates ** (1.0 - power)).sum(-1) / curvature) ** (1.0 / (1.0 + power))
+    tau = ((squared_m * candidates ** (1.0 - power)).sum(-1) / curvature) ** (1.0 / (1.0 + power))
     starts = tau.unsqueeze(1) * rays
-    values = torch.nan_to_num(objective(starts), nan=torch.inf)
-    u = starts.index_select(0, values.argmin().unsqueeze(0)).squeeze(0)
+    values, residuals, products = evaluate(starts)
+    u, value, current, cu = pick(
+        torch.nan_to_num(values, nan=torch.inf).argmin(), starts, values, residuals, products
+    )
 
-    sizes = 0.5 ** torch.arange(LINE_SEARCH_CANDIDATES, dtype=torch.float64, device=device)
+    # Step sizes α_max 2^-k, and 0 last: "no step" is always acceptable.
+    sizes = torch.cat([
+        0.5 ** torch.arange(LINE_SEARCH_CANDIDATES, dtype=torch.float64, device=device),
+        torch.zeros(1, dtype=torch.float64, device=device),
+    ])
     for _ in range(NEWTON_STEPS):
         v = u / m
-        gradient = cosines @ u - m * v ** (-power)
-        hessian = cosines + torch.diag(power * v ** (-power - 1.0))
+        power_v = v ** (-power)
+        gradient = cu - m * power_v
+        hessian = cosines + torch.diag(power * power_v / v)
         # Symmetric Jacobi equilibration keeps the Cholesky solve accurate when v spans decades.
         equilibrate = hessian.diagonal().rsqrt()
         factor, info = torch.linalg.cholesky_ex(hessian * torch.outer(equilibrate, equilibrate))
@@ -476,19 +490,16 @@ def solve_power_balance(
         limit = torch.where(
             step < 0, -POSITIVITY_FRACTION * u / step.clamp_max(-1e-300), torch.inf
         ).amin()
-        alphas = sizes * limit.clamp_max(1.0)  # [k]
-        trials = u + alphas.unsqueeze(1) * step  # [k, n]
-        value, current = objective(u), residual(u)
-        slope = gradient @ step
-        accept = (objective(trials) <= value + 1e-4 * alphas * slope) | (residual(trials) < current)
-        accept = accept & (trials > 0).all(1)
-        first = accept.double().argmax()  # the largest accepted step size (0 if none)
-        chosen = trials.index_select(0, first.unsqueeze(0)).squeeze(0)
-        u = torch.where(accept.any(), chosen, u)
+        alphas = sizes * limit.clamp_max(1.0)  # [k + 1]
+        trials = u + alphas.unsqueeze(1) * step  # [k + 1, n]
+        values, residuals, products = evaluate(trials)
+        # Armijo on f; near the solution f stops resolving progress, the residual still does.
+        accept = (values <= value + 1e-4 * alphas * (gradient @ step)) | (residuals < current)
+        first = accept.double().argmax()  # the largest accepted step size (the last: 0)
+        u, value, current, cu = pick(first, trials, values, residuals, products)
     weights = u / norms
-    final = residual(u)
-    failed = ~torch.isfinite(weights).all() | ~torch.isfinite(final)
-    return BalanceSolution(weights=weights, residual=final, failed=failed)
+    failed = ~torch.isfinite(weights).all() | ~torch.isfinite(current)
+    return BalanceSolution(weights=weights, residual=current, failed=failed)
 
 
 def power_balance_weights(
