@@ -559,13 +559,14 @@ def power_balance_weights(
 
 # --- Jacobi eigenvalue methods (instead of eigh/svd, which check info on the host) --------
 
-_ROUNDS: dict[tuple[int, str], list[tuple[Tensor, Tensor, Tensor]]] = {}
+_ROUNDS: dict[tuple[int, str], list[Tensor]] = {}
 
 
-def jacobi_rounds(size: int, device: torch.device) -> list[tuple[Tensor, Tensor, Tensor]]:
+def jacobi_rounds(size: int, device: torch.device) -> list[Tensor]:
     """One cyclic sweep as size - 1 (even size) or size (odd) rounds of disjoint pairs
-    (round-robin / circle method): (p, q, flat indices of the (p,p),(q,q),(p,q),(q,p)
-    entries of a [size, size] matrix). Cached per size and device."""
+    (p, q) (round-robin / circle method), each given by the flat indices of the
+    (p,p), (q,q), (p,q), (q,p) entries of a [size, size] matrix. Cached per size and
+    device (Python constants of the graph: they depend on T only)."""
     key = (size, str(device))
     if key not in _ROUNDS:
         players = list(range(size + size % 2))  # a dummy player (= size) for odd size
@@ -576,28 +577,30 @@ def jacobi_rounds(size: int, device: torch.device) -> list[tuple[Tensor, Tensor,
             pairs = [(min(a, b), max(a, b)) for a, b in pairs if size not in (a, b)]
             p = torch.tensor([a for a, _ in pairs], device=device)
             q = torch.tensor([b for _, b in pairs], device=device)
+            # Flat indices of the (p,p), (q,q), (p,q) and (q,p) entries of a [size, size]
+            # matrix: the first three read a round's entries, all four place its rotations.
             flat = torch.cat([p * size + p, q * size + q, p * size + q, q * size + p])
             if pairs:
-                rounds.append((p, q, flat))
+                rounds.append(flat)
             players = [players[0], players[-1], *players[1:-1]]
         _ROUNDS[key] = rounds
     return _ROUNDS[key]
 
 
-def _rotation(app: Tensor, aqq: Tensor, apq: Tensor, flat: Tensor, size: int) -> Tensor:
+def _rotation(matrix: Tensor, flat: Tensor, size: int) -> Tensor:
     """The [size, size] product J of the Jacobi rotations that zero every a_pq of a round
-    (Golub & Van Loan, Alg. 8.5.1 sym.schur2: JᵀAJ has (JᵀAJ)_pq = 0).
+    of the symmetric ``matrix`` (Golub & Van Loan, Alg. 8.5.1: JᵀAJ has (JᵀAJ)_pq = 0).
 
-    t = tan θ = sign(τ)/(|τ| + sqrt(1 + τ²)), τ = (a_qq - a_pp)/(2 a_pq), written as
-    2 a_pq sign(d) / (|d| + sqrt(d² + 4 a_pq²)), d = a_qq - a_pp: no division by a_pq,
-    and t = 0 (no rotation) when a_pq = 0."""
+    tan 2θ = 2 a_pq / (a_qq - a_pp), with the inner angle |θ| <= π/4 (as sym.schur2's
+    smaller root t = tan θ): θ = ½ atan2(2 a_pq sign(d), |d|), d = a_qq - a_pp; θ = 0
+    (no rotation) when a_pq = 0."""
+    pairs = flat.shape[0] // 4
+    app, aqq, apq = matrix.flatten().index_select(0, flat[: 3 * pairs]).view(3, pairs)
     difference = aqq - app
-    denominator = difference.abs() + torch.sqrt(difference * difference + 4.0 * apq * apq)
     twice = 2.0 * apq
-    t = torch.where(difference >= 0, twice, -twice) / denominator.clamp_min(1e-300)
-    c = torch.rsqrt(1.0 + t * t)
-    s = t * c
-    eye = _flat_identity(size, app.device)
+    angle = 0.5 * torch.atan2(torch.where(difference >= 0, twice, -twice), difference.abs())
+    c, s = torch.cos(angle), torch.sin(angle)
+    eye = _flat_identity(size, matrix.device)
     return eye.scatter(0, flat, torch.cat([c, c, s, -s])).view(size, size)
 
 
@@ -629,9 +632,8 @@ def jacobi_eigh(matrix: Tensor, sweeps: int) -> tuple[Tensor, Tensor]:
     size = matrix.shape[0]
     vectors = torch.eye(size, dtype=torch.float64, device=matrix.device)
     for _ in range(sweeps):
-        for p, q, flat in jacobi_rounds(size, matrix.device):
-            diagonal = matrix.diagonal()
-            rotation = _rotation(diagonal[p], diagonal[q], matrix[p, q], flat, size)
+        for flat in jacobi_rounds(size, matrix.device):
+            rotation = _rotation(matrix, flat, size)
             matrix = rotation.T @ matrix @ rotation
             vectors = vectors @ rotation
     return matrix.diagonal(), vectors
@@ -648,11 +650,10 @@ def jacobi_column_orthogonalise(factor: Tensor, sweeps: int) -> tuple[Tensor, Te
     size = factor.shape[1]
     rotations = torch.eye(size, dtype=torch.float64, device=factor.device)
     for _ in range(sweeps):
-        for p, q, flat in jacobi_rounds(size, factor.device):
-            fp, fq = factor[:, p], factor[:, q]
-            rotation = _rotation(
-                (fp * fp).sum(0), (fq * fq).sum(0), (fp * fq).sum(0), flat, size
-            )
+        for flat in jacobi_rounds(size, factor.device):
+            # The round's column inner products (one [n, n] matmul: each entry is the
+            # same dot product of two current columns).
+            rotation = _rotation(factor.T @ factor, flat, size)
             factor = factor @ rotation
             rotations = rotations @ rotation
     return factor, rotations
