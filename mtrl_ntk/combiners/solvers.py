@@ -51,15 +51,18 @@ from mtrl_ntk.combiners.base import CombinerOutput, GradientCombiner, Need, Task
 ZERO_GRADIENT_RATIO = 1e-12
 # Relative ridge added to the cosine matrix C (i.e. RIDGE · ‖g_i‖² on K's diagonal).
 RIDGE = 1e-10
-# Relative tolerance of the Karush-Kuhn-Tucker conditions reported by ``simplex_qp``.
+# Relative tolerance of the Karush-Kuhn-Tucker conditions behind ``solver_converged``
+# (MGDA, CAGrad), and the (tighter) one below which the active set frees a bound.
 KKT_TOLERANCE = 1e-8
+_JOIN_TOLERANCE = 1e-12
 # Up to this many tasks the simplex problems enumerate all 2^T - 1 faces in one batched
-# solve (4095 Cholesky factorisations of 12 x 12 at T = 12: ~1 ms, one kernel each);
+# solve (4095 Cholesky factorisations of 12 x 12 at T = 12: ~40 ms on one CPU core, a
+# handful of batched kernels on a GPU; 2^T grows too fast beyond);
 # beyond it (MT50) a fixed budget of primal active-set steps, warm-started.
 MAX_ENUMERATED_TASKS = 12
 # Primal active-set steps for T > MAX_ENUMERATED_TASKS: T + ACTIVE_SET_EXTRA_STEPS (each
-# step adds or drops one task; from the uniform start at most T - |support| drops are
-# needed, and a warm start is usually a few steps from the optimum).
+# step adds or drops one task; from the uniform start the T - |support| drops dominate,
+# and a warm start is usually a few steps from the optimum).
 ACTIVE_SET_EXTRA_STEPS = 10
 # CAGrad's active-set steps also try the majorisers at t = 4^k ‖u‖_H for these k.
 MAJORISER_SCALES = tuple(4.0**k for k in range(-3, 7))
@@ -274,7 +277,7 @@ def _active_set(
 
     On the current free set F the face minimiser is solved exactly; if it is positive
     it becomes the iterate and the bound with the most negative multiplier (if below
-    -KKT_TOLERANCE, relative) joins F, else the iterate walks towards it until the
+    -1e-12, relative) joins F, else the iterate walks towards it until the
     first coordinate hits 0, which leaves F. For CAGrad's objective the face step is
     the closed-form stationary point of the face (the objective is convex on it, so
     the walk descends); where the face has none, the face minimiser of the majoriser
@@ -353,7 +356,7 @@ def _active_set(
         entering = torch.where(support, torch.inf, violation_by_task)
         joins = tasks == entering.argmin()  # (one_hot would check its input on the host)
         # (Only at a face's stationary point: elsewhere the multipliers mean nothing.)
-        free = support | (joins & (entering.amin() < -KKT_TOLERANCE) & stationary & improved)
+        free = support | (joins & (entering.amin() < -_JOIN_TOLERANCE) & stationary & improved)
     return point, ~torch.isfinite(value)
 
 
