@@ -116,7 +116,7 @@ class CAGrad(WarmStart, GramianCombiner):
             diagnostics = {"dual_weights": mean_weights, "dual_step": zero,
                            "kkt_violation": zero, "solver_converged": zero + 1.0}
             return rescale * mean_weights, zero > 0, diagnostics
-        dual = cagrad_dual(gramian, self.c, self.warm_start_or_none())
+        dual = cagrad_dual(gramian, self.c, self.warm_start_on(gramian.device))
         dual_weights = torch.where(dual.solved, dual.dual_weights, mean_weights)
         weights = rescale * (mean_weights + dual.step * dual_weights)
         diagnostics = {

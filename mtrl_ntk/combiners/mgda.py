@@ -83,4 +83,4 @@ class MGDA(WarmStart, GramianCombiner):
         return output
 
     def weigh(self, gramian: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
-        return min_norm_weights(gramian, self.warm_start_or_none())
+        return min_norm_weights(gramian, self.warm_start_on(gramian.device))

@@ -64,6 +64,6 @@ class NashMTL(WarmStart, GramianCombiner):
 
     def weigh(self, gramian: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
         weights, diagnostics = power_balance_weights(
-            gramian, power=1.0, start=self.warm_start_or_none()
+            gramian, power=1.0, start=self.warm_start_on(gramian.device)
         )
         return weights, torch.zeros((), dtype=torch.bool, device=gramian.device), diagnostics

@@ -720,7 +720,11 @@ class WarmStart:
     def _init_warm_start(self) -> None:
         self.warm_start = torch.zeros(self.num_tasks, dtype=torch.float64)
 
-    def warm_start_or_none(self) -> Tensor:
+    def warm_start_on(self, device: torch.device) -> Tensor:
+        """The state, moved to ``device`` first if the caller never called ``to(device)``
+        (a one-time copy; a Python check of the device, not of data)."""
+        if self.warm_start.device != device:
+            self.warm_start = self.warm_start.to(device)
         return self.warm_start
 
     def _keep_warm_start(self, output: CombinerOutput, key: str = "weights") -> None:

@@ -194,3 +194,17 @@ def test_aligned_and_imtlg_for_fifty_tasks() -> None:
     torch.testing.assert_close(
         projections, projections.mean().expand_as(projections), rtol=0, atol=1e-8 * direction.norm()
     )
+
+
+@pytest.mark.parametrize("name", ["mgda", "cagrad", "nashmtl", "fairgrad"])
+def test_warm_start_state_round_trips_through_a_checkpoint(name: str) -> None:
+    combiner = build(name, 4)
+    combiner.combine(stats_for(combiner, sample_task_gradients(4, 12, seed=48)))
+    state = combiner.state_dict()
+    restored = build(name, 4)
+    restored.load_state_dict(state)
+    grads = sample_task_gradients(4, 12, seed=49)
+    expected = combiner.combine(stats_for(combiner, grads)).weights
+    assert torch.equal(restored.combine(stats_for(restored, grads)).weights, expected)
+    with pytest.raises(ValueError, match="warm_start"):
+        restored.load_state_dict({"warm_start": torch.ones(3, dtype=torch.float64)})
