@@ -18,11 +18,11 @@ synchronisation) when the trainer logs, evaluates, checkpoints and finishes.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import threading
 from collections.abc import Sequence
-import dataclasses
 from types import FrameType
 from typing import Any
 

@@ -23,6 +23,9 @@ def test_quick_json_times_every_requested_row_against_ls() -> None:
     for row, result in results.items():
         for key in ("wall_ms", "cpu_ms", "wall_ratio_to_ls", "cpu_ratio_to_ls"):
             assert math.isfinite(result[key]) and result[key] > 0, (row, key)
+        # The GPU proxies: an eager update's ATen ops, none of them a host sync, one graph.
+        assert result["ops"] > 100 and result["syncs"] == 0 and result["sync_ops"] == {}, row
+        assert result["graph_breaks"] == 0, row
     assert results["ls"]["wall_ratio_to_ls"] == results["ls"]["cpu_ratio_to_ls"] == 1.0
 
 

@@ -598,7 +598,10 @@ class UpdateHealth:
         return values
 
     def state_dict(self) -> dict[str, Tensor]:
-        names = ("updates", "skipped", "consecutive", "max_consecutive", "last_skip", "last_losses")
+        """The counters. ``last_losses`` is left out: it holds the non-finite values of a
+        skipped update (a checkpoint holds no non-finite value), and the trainer reports
+        every skip before it writes a checkpoint."""
+        names = ("updates", "skipped", "consecutive", "max_consecutive", "last_skip")
         return {name: getattr(self, name).detach().clone() for name in names}
 
     @torch.no_grad()
