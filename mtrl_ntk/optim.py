@@ -63,8 +63,8 @@ class CapturableAdam:
         """
         beta1, beta2 = self.betas
         keep = apply.to(torch.float32)
-        grads = [torch.where(apply, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-                 for grad in grads]
+        zero = torch.zeros((), dtype=grads[0].dtype, device=grads[0].device)
+        grads = [torch.where(apply, grad, zero) for grad in grads]
         self.step_count.add_(keep)
         # m ← β₁ m + (1 - β₁) g and v ← β₂ v + (1 - β₂) g², or unchanged when skipped
         # (the gradients are 0 then, and the decay factors 1).
