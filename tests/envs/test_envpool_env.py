@@ -1,5 +1,8 @@
 """env.backend=envpool: EnvPool's C++ Meta-World v3 behind MultiTaskEnv, checked against
-Meta-World's Python environments (real environments on both sides, short horizons)."""
+Meta-World's Python environments (real environments on both sides, short horizons).
+
+Everything that steps a real environment is marked slow, as in test_metaworld_env.py; the
+scripted-expert comparison has a 3-episode variant and the 20-episode one of issue 12."""
 
 from __future__ import annotations
 
@@ -63,6 +66,7 @@ def test_backend_is_validated_and_classic_stops_before_anything_starts() -> None
 # -- the MultiTaskEnv interface ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_steps_autoreset_with_the_true_final_observation_and_episode_statistics() -> None:
     rng = np.random.default_rng(0)
     with envpool_env(horizon=5) as env:
@@ -94,6 +98,7 @@ def test_steps_autoreset_with_the_true_final_observation_and_episode_statistics(
             env.step(np.zeros((3, 4)))
 
 
+@pytest.mark.slow
 def test_a_protocol_goal_set_is_fixed_by_the_seed_and_sampled_per_episode() -> None:
     two_goals = dataclasses.replace(MWPLUS, num_goals=2)
     rng = np.random.default_rng(1)
@@ -118,6 +123,7 @@ def test_a_protocol_goal_set_is_fixed_by_the_seed_and_sampled_per_episode() -> N
         np.testing.assert_array_equal(result.obs, first)  # one goal: every episode starts alike
 
 
+@pytest.mark.slow
 def test_checkpoint_state_resumes_the_same_goals_and_trajectory() -> None:
     rng = np.random.default_rng(2)
     steps = actions(rng, 12)
@@ -142,6 +148,7 @@ def test_checkpoint_state_resumes_the_same_goals_and_trajectory() -> None:
         metaworld_env.load_state_dict(state)
 
 
+@pytest.mark.slow
 def test_a_failing_pool_stops_with_one_line_naming_the_task() -> None:
     with envpool_env(horizon=2) as env:
         env.reset()
@@ -198,6 +205,7 @@ def _match_goal(env, target_obs: np.ndarray) -> np.ndarray:
 OBS_ATOL, REWARD_ATOL = 2e-2, 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", MT10)
 def test_same_goal_and_actions_give_the_same_observations_and_rewards(task: str) -> None:
     import envpool
@@ -249,6 +257,7 @@ def _expert_rates(backend: str, episodes: int) -> dict[str, float]:
                         vector_strategy="sync", max_episode_steps=300, backend=backend)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "episodes, threshold",
     [(3, 2 / 3), pytest.param(20, 0.9, marks=pytest.mark.slow)],
