@@ -43,6 +43,7 @@ What EnvPool's Meta-World is, found by reading envpool 1.2.5 and by experiment
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import warnings
 from typing import Any
@@ -167,6 +168,16 @@ class EnvPoolMultiTaskEnv:
         self._cycle_positions = [0] * self.num_tasks
 
         self._pools: list[Any] = [None] * self.num_tasks
+        # The next episode of each task, prepared while the current one runs: the goal
+        # sampler's state before its draw, and its pool being built in the background.
+        self._builder = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="envpool-builder"
+        )
+        self._prepared: list[tuple[dict[str, Any], concurrent.futures.Future] | None] = [
+            None
+        ] * self.num_tasks
+        # The goal sampler's state before the draw of each task's current episode.
+        self._episode_samplers: list[dict[str, Any] | None] = [None] * self.num_tasks
         self._action_buffers: list[list[np.ndarray]] = [[] for _ in range(self.num_tasks)]
         self._state_index: dict[str, int] = {}
         self._closed = False
@@ -178,7 +189,6 @@ class EnvPoolMultiTaskEnv:
         self._needs_reset = True
         self._pending_actions: np.ndarray | None = None
         self._episode_steps: int | None = None
-        self._samplers_before_reset: list[dict[str, Any]] | None = None
         self._steps_in_workers = True  # as MultiTaskEnv's async strategy (trainer overlap)
 
     # -- goals -----------------------------------------------------------------------------
@@ -195,44 +205,85 @@ class EnvPoolMultiTaskEnv:
         self._cycle_positions[task] += 1
         return goal
 
+    def _sampler(self, task: int) -> dict[str, Any]:
+        """Task's goal-order state (plain Python values): RNG, evaluation cycle, position."""
+        return {
+            "rng": self._order_rngs[task].bit_generator.state,
+            "cycle": list(self._cycles[task]),
+            "position": int(self._cycle_positions[task]),
+        }
+
+    def _set_sampler(self, task: int, sampler: dict[str, Any]) -> None:
+        self._order_rngs[task].bit_generator.state = sampler["rng"]
+        self._cycles[task] = [int(goal) for goal in sampler["cycle"]]
+        self._cycle_positions[task] = int(sampler["position"])
+
     def _samplers(self) -> list[dict[str, Any]]:
+        """Every task's goal-order state as if no next episode had been prepared."""
         return [
-            {
-                "rng": rng.bit_generator.state,
-                "cycle": list(self._cycles[task]),
-                "position": int(self._cycle_positions[task]),
-            }
-            for task, rng in enumerate(self._order_rngs)
+            self._prepared[task][0] if self._prepared[task] is not None else self._sampler(task)
+            for task in range(self.num_tasks)
         ]
 
     # -- pools -----------------------------------------------------------------------------
 
-    def _start_episode(self, task: int, action: str) -> np.ndarray:
-        """Replace task's pool with a fresh one on its next goal; returns obs [D] float64."""
+    def _build_pool(self, task: int, goal: int, base_path: str | None) -> tuple[Any, np.ndarray]:
+        """A one-env pool of task whose first reset is goal `goal`, reset; (pool, obs [D])."""
         import envpool
 
+        options: dict[str, Any] = {}
+        if base_path is not None:
+            options["base_path"] = base_path
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pool = envpool.make_gymnasium(
+                self._task_ids[task],
+                num_envs=1,
+                num_threads=1,
+                seed=_goal_seed(self.seed, task, goal),
+                partially_observable=False,
+                max_episode_steps=self.max_episode_steps,
+                **options,
+            )
+        obs, _ = pool.reset()
+        return pool, np.asarray(obs[0], dtype=np.float64)
+
+    def _prepare(self, task: int) -> None:
+        """Draw task's next goal now and build its pool in the background thread.
+
+        The draw is the one the next reset would make, so preparing changes no goal; the
+        sampler state from before it is kept for checkpoints and for `_unprepare`.
+        """
+        before = self._sampler(task)
         goal = self._next_goal(task)
+        self._prepared[task] = (before, self._builder.submit(
+            self._build_pool, task, goal, self._base_path
+        ))
+
+    def _unprepare(self, task: int) -> None:
+        """Forget task's prepared episode: close its pool and rewind its goal draw."""
+        prepared = self._prepared[task]
+        if prepared is None:
+            return
+        self._prepared[task] = None
+        before, future = prepared
+        self._set_sampler(task, before)
+        with contextlib.suppress(Exception):  # a failed build has nothing to close
+            future.result()[0].close()
+
+    def _start_episode(self, task: int, action: str) -> np.ndarray:
+        """Replace task's pool with the prepared one on its next goal; returns obs [D] float64."""
+        if self._prepared[task] is None:
+            self._prepare(task)
+        before, future = self._prepared[task]  # type: ignore[misc]
+        self._prepared[task] = None
         old = self._pools[task]
         self._pools[task] = None
         try:
             if old is not None:
                 old.close()
-            options: dict[str, Any] = {}
-            if self._base_path is not None:
-                options["base_path"] = self._base_path
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                pool = envpool.make_gymnasium(
-                    self._task_ids[task],
-                    num_envs=1,
-                    num_threads=1,
-                    seed=_goal_seed(self.seed, task, goal),
-                    partially_observable=False,
-                    max_episode_steps=self.max_episode_steps,
-                    **options,
-                )
+            pool, obs = future.result()
             self._pools[task] = pool
-            obs, _ = pool.reset()
             if not self._state_index:
                 self._state_index = {key: i for i, key in enumerate(pool._state_keys)}
             self._action_buffers[task] = pool._from(
@@ -240,7 +291,9 @@ class EnvPoolMultiTaskEnv:
             )
         except (RuntimeError, AssertionError, OSError) as error:
             raise EnvWorkerError(self._failure_message(task, action, error)) from error
-        return np.asarray(obs[0], dtype=np.float64)
+        self._episode_samplers[task] = before
+        self._prepare(task)  # the next episode's pool builds while this one runs
+        return obs
 
     def _failure_message(self, task: int, action: str, error: BaseException) -> str:
         detail = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -255,10 +308,11 @@ class EnvPoolMultiTaskEnv:
         self._ensure_open()
         if self._pending_actions is not None:
             raise RuntimeError("MultiTaskEnv.reset called between step_async() and step_wait()")
+        for task in range(self.num_tasks):
+            self._unprepare(task)
         if self.for_evaluation:  # restart every goal cycle, as MultiTaskEnv does
             self._cycles = [[] for _ in range(self.num_tasks)]
             self._cycle_positions = [0] * self.num_tasks
-        self._capture_samplers_before_reset()
         obs = np.stack([self._start_episode(task, "reset") for task in range(self.num_tasks)])
         self._steps[:] = 0
         self._running_return[:] = 0.0
@@ -285,8 +339,6 @@ class EnvPoolMultiTaskEnv:
                 f"actions have shape {actions.shape}; expected (T, A) = "
                 f"({self.num_tasks}, {self.action_dim})"
             )
-        if self._episode_steps == self.max_episode_steps - 1:  # this step ends every episode
-            self._capture_samplers_before_reset()
         for task, pool in enumerate(self._pools):
             buffer = self._action_buffers[task]
             buffer[-1] = np.ascontiguousarray(actions[task : task + 1])
@@ -376,10 +428,6 @@ class EnvPoolMultiTaskEnv:
             "task_samplers": self._samplers(),
         }
 
-    def _capture_samplers_before_reset(self) -> None:
-        if not self.for_evaluation:
-            self._samplers_before_reset = self._samplers()
-
     @property
     def at_episode_start(self) -> bool:
         return (
@@ -387,7 +435,6 @@ class EnvPoolMultiTaskEnv:
             and not self._needs_reset
             and self._pending_actions is None
             and self._episode_steps == 0
-            and self._samplers_before_reset is not None
         )
 
     def episode_start_state_dict(self) -> dict[str, Any]:
@@ -402,7 +449,7 @@ class EnvPoolMultiTaskEnv:
             "backend": self.backend,
             "reward_mean": self._reward_mean.tolist(),
             "reward_var": self._reward_var.tolist(),
-            "task_samplers": list(self._samplers_before_reset or []),
+            "task_samplers": list(self._episode_samplers),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -427,9 +474,8 @@ class EnvPoolMultiTaskEnv:
         self._reward_mean = np.array(state["reward_mean"], dtype=np.float64)
         self._reward_var = np.array(state["reward_var"], dtype=np.float64)
         for task, sampler in enumerate(samplers):
-            self._order_rngs[task].bit_generator.state = sampler["rng"]
-            self._cycles[task] = [int(goal) for goal in sampler["cycle"]]
-            self._cycle_positions[task] = int(sampler["position"])
+            self._unprepare(task)
+            self._set_sampler(task, sampler)
         self._needs_reset = True
         self._episode_steps = None
 
@@ -442,6 +488,9 @@ class EnvPoolMultiTaskEnv:
         if self._closed:
             return
         self._closed = True
+        for task in range(self.num_tasks):
+            self._unprepare(task)
+        self._builder.shutdown(wait=True)
         for task, pool in enumerate(self._pools):
             if pool is not None:
                 if self._pending_actions is not None:

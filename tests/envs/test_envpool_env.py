@@ -151,11 +151,13 @@ def test_checkpoint_state_resumes_the_same_goals_and_trajectory() -> None:
 @pytest.mark.slow
 def test_a_failing_pool_stops_with_one_line_naming_the_task() -> None:
     with envpool_env(horizon=2) as env:
-        env.reset()
-        env.step(np.zeros((10, 4)))
-        env._base_path = "/nonexistent"  # the next episode's pools cannot load their models
-        with pytest.raises(EnvWorkerError) as error:
+        env.reset()  # builds the first episodes' pools and prepares the second's
+        env._base_path = "/nonexistent"  # later pools cannot load their models
+        for _ in range(2):  # the second episodes start; their successors fail to build
             env.step(np.zeros((10, 4)))
+        env.step(np.zeros((10, 4)))
+        with pytest.raises(EnvWorkerError) as error:
+            env.step(np.zeros((10, 4)))  # the third episodes cannot start
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith("EnvPool pool of task reach-v3 failed during step: ")
