@@ -20,8 +20,9 @@ What EnvPool's Meta-World is, found by reading envpool 1.2.5 and by experiment
   We get a protocol's finite goal set back from the one thing that is fixed: the
   first reset of a pool built with seed s always gives the same goal. Goal k of
   task i is the first reset of a pool seeded with `_goal_seed(seed, i, k)`, so every
-  episode runs in a freshly built one-env pool (about 10-25 ms per task and episode,
-  in the main thread; measured in scripts/bench_env_scaling.py). The goals differ
+  episode runs in a freshly built one-env pool (about 15-20 ms of CPU per task and
+  episode, mostly MuJoCo compiling the model; a background thread builds the next
+  episode's pool while the current one runs, so a spare core hides it). The goals differ
   from Meta-World's for the same seed (another RNG), but are drawn from the same
   goal space, one set of `num_goals` per task, visited as Meta-World visits them
   (uniformly at random in training, in shuffled cycles in evaluation).
