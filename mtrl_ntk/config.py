@@ -25,12 +25,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtrl_ntk.agent import ARCHITECTURES, AgentConfig
 from mtrl_ntk.combiners import GradientCombiner, available_combiners, combiner_class, make_combiner
-from mtrl_ntk.envs import BENCHMARK_TASKS, PROTOCOLS, Protocol
+from mtrl_ntk.envs import BACKENDS, BENCHMARK_TASKS, PROTOCOLS, Protocol
 
 _TOP_LEVEL_KEYS = {
     "combiner", "env", "protocol", "agent", "seed", "device", "name", "train", "resume", "debug",
 }
-_ENV_KEYS = {"benchmark", "vector_strategy"}
+_ENV_KEYS = {"benchmark", "vector_strategy", "backend"}
 _VECTOR_STRATEGIES = ("async", "sync")
 _HYDRA_MODE_FLAGS = {
     "-m", "--multirun", "-r", "--run", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion",
@@ -237,6 +237,7 @@ class RunSpec:
     train: TrainSettings
     resume: bool = False  # continue the run directory from its last complete checkpoint
     debug: DebugSettings = DebugSettings()
+    env_backend: str = "metaworld"  # env.backend: metaworld | envpool
 
     @property
     def num_tasks(self) -> int:
@@ -385,6 +386,9 @@ def build_run_spec(cfg: DictConfig) -> RunSpec:
     vector_strategy = cfg.env.vector_strategy
     if vector_strategy not in _VECTOR_STRATEGIES:
         raise _unknown_choice("env.vector_strategy", vector_strategy, _VECTOR_STRATEGIES)
+    env_backend = cfg.env.get("backend", "metaworld")
+    if env_backend not in BACKENDS:
+        raise _unknown_choice("env.backend", env_backend, BACKENDS)
 
     combiner_values = OmegaConf.to_container(cfg.combiner, resolve=True)
     assert isinstance(combiner_values, dict)
@@ -432,20 +436,39 @@ def build_run_spec(cfg: DictConfig) -> RunSpec:
         )
 
     seed = _integer(cfg, "seed", "", 0)
+    protocol = _protocol(cfg.protocol)
+    if env_backend == "envpool":
+        _check_envpool(protocol)
     return RunSpec(
         seed=seed,
         device=resolve_device(cfg.device),
         benchmark=benchmark,
         task_names=task_names,
         vector_strategy=vector_strategy,
-        protocol=_protocol(cfg.protocol),
+        protocol=protocol,
         combiner_name=combiner_name,
         combiner_params=combiner_values,
         agent=_agent(cfg.agent),
         train=train,
         resume=_boolean(cfg, "resume", ""),
         debug=_debug(cfg.get("debug"), task_names),
+        env_backend=env_backend,
     )
+
+
+def _check_envpool(protocol: Protocol) -> None:
+    """env.backend=envpool: the package is importable and can reproduce the protocol."""
+    from mtrl_ntk.envs.envpool_env import envpool_unavailable_reason, protocol_unsupported_reason
+
+    unavailable = envpool_unavailable_reason()
+    if unavailable is not None:
+        raise ConfigError(f"env.backend=envpool: {unavailable}")
+    reason = protocol_unsupported_reason(protocol)
+    if reason is not None:
+        raise ConfigError(
+            f"env.backend=envpool cannot serve protocol={protocol.name}: {reason}; "
+            "use env.backend=metaworld or protocol=mwplus"
+        )
 
 
 def make_combiners(spec: RunSpec) -> tuple[GradientCombiner, GradientCombiner]:

@@ -41,7 +41,9 @@ PROVENANCE_FILE = "provenance.json"
 GIT_COMMIT_ENV = "MTRL_NTK_GIT_COMMIT"
 
 # Distributions whose versions decide what a run computes (importlib.metadata names).
-TRACKED_PACKAGES = ("torch", "numpy", "metaworld", "mujoco", "gymnasium", "hydra-core")
+TRACKED_PACKAGES = (
+    "torch", "numpy", "metaworld", "mujoco", "gymnasium", "envpool", "hydra-core",
+)
 
 _COMMIT_PATTERN = re.compile(r"[0-9a-f]{40}")
 _GIT_TIMEOUT_S = 10.0

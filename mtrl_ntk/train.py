@@ -68,7 +68,13 @@ from mtrl_ntk.checkpoint import (
     truncate_metrics,
 )
 from mtrl_ntk.config import ConfigError, RunSpec, build_run_spec, make_combiners
-from mtrl_ntk.envs import EnvWorkerError, Evaluator, MultiTaskEnv, StepResult
+from mtrl_ntk.envs import (
+    EnvWorkerError,
+    Evaluator,
+    MultiTaskEnv,
+    StepResult,
+    make_multitask_env,
+)
 from mtrl_ntk.faults import RunInterrupted, RunStopped, StopSignals, UpdateGuard, poison_batch
 from mtrl_ntk.provenance import write_provenance
 from mtrl_ntk.replay import MultiTaskReplayBuffer
@@ -263,8 +269,9 @@ class Trainer:
     def _build(self, checkpoint: Checkpoint | None) -> None:
         spec = self.spec
         # Environments first: async workers are forked before torch starts its threads.
-        self.env = MultiTaskEnv(
-            spec.benchmark, spec.protocol, seed=spec.seed, vector_strategy=spec.vector_strategy
+        self.env = make_multitask_env(
+            spec.env_backend, spec.benchmark, spec.protocol, seed=spec.seed,
+            vector_strategy=spec.vector_strategy,
         )
         if self.env.task_names != self.task_names:
             raise RuntimeError(f"env tasks {self.env.task_names} != config {self.task_names}")
@@ -315,7 +322,8 @@ class Trainer:
         if self.evaluator is None:
             spec = self.spec
             self.evaluator = Evaluator(
-                spec.benchmark, spec.protocol, spec.seed, vector_strategy=spec.vector_strategy
+                spec.benchmark, spec.protocol, spec.seed, vector_strategy=spec.vector_strategy,
+                backend=spec.env_backend,
             )
         return self.evaluator
 

@@ -1,6 +1,7 @@
 """Environment stage of the data path: Meta-World benchmarks, protocols and evaluation."""
 
 from mtrl_ntk.envs.metaworld_env import (
+    BACKENDS,
     BENCHMARK_TASKS,
     EnvWorkerError,
     Evaluator,
@@ -8,10 +9,12 @@ from mtrl_ntk.envs.metaworld_env import (
     Policy,
     StepResult,
     evaluate,
+    make_multitask_env,
 )
 from mtrl_ntk.envs.protocols import METAWORLD_MAX_PATH_LENGTH, PROTOCOLS, Protocol
 
 __all__ = [
+    "BACKENDS",
     "BENCHMARK_TASKS",
     "METAWORLD_MAX_PATH_LENGTH",
     "PROTOCOLS",
@@ -22,4 +25,5 @@ __all__ = [
     "Protocol",
     "StepResult",
     "evaluate",
+    "make_multitask_env",
 ]

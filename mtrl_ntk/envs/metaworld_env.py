@@ -71,6 +71,10 @@ BENCHMARK_TASKS: dict[str, list[str]] = {
 
 VectorStrategy = Literal["async", "sync"]
 
+BACKENDS = ("metaworld", "envpool")
+"""`env.backend`: Meta-World's Python environments, or EnvPool's C++ ports of them
+(`mtrl_ntk.envs.envpool_env`; it serves only the protocols it can reproduce)."""
+
 # Standard deviation floor of the reward normaliser (as in garage / Meta-World).
 _REWARD_STD_EPS = 1e-8
 
@@ -431,6 +435,12 @@ class MultiTaskEnv:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._ensure_open()
+        backend = state.get("backend", "metaworld")
+        if backend != "metaworld":
+            raise ValueError(
+                f"environment state was saved by env.backend={backend}; this env is "
+                "env.backend=metaworld (their goals differ; resume with the same backend)"
+            )
         for key in ("reward_mean", "reward_var"):
             value = np.asarray(state[key], dtype=np.float64)
             if value.shape != (self.num_tasks,):
@@ -473,6 +483,31 @@ class MultiTaskEnv:
         self.close()
 
 
+def make_multitask_env(
+    backend: str,
+    benchmark: str,
+    protocol: Protocol,
+    seed: int,
+    vector_strategy: VectorStrategy = "async",
+    max_episode_steps: int | None = None,
+    *,
+    for_evaluation: bool = False,
+) -> MultiTaskEnv:
+    """A `MultiTaskEnv` on `backend` ("metaworld" or "envpool"); same interface either way."""
+    _check_choice("env.backend", backend, list(BACKENDS))
+    if backend == "envpool":
+        from mtrl_ntk.envs.envpool_env import EnvPoolMultiTaskEnv
+
+        return EnvPoolMultiTaskEnv(  # type: ignore[return-value]
+            benchmark, protocol, seed, vector_strategy, max_episode_steps,
+            for_evaluation=for_evaluation,
+        )
+    return MultiTaskEnv(
+        benchmark, protocol, seed, vector_strategy, max_episode_steps,
+        for_evaluation=for_evaluation,
+    )
+
+
 Policy = Callable[[np.ndarray], np.ndarray]
 """Deterministic policy: obs [T, D] float32 -> actions [T, A]."""
 
@@ -498,10 +533,12 @@ class Evaluator:
         seed: int,
         vector_strategy: VectorStrategy = "async",
         max_episode_steps: int | None = None,
+        backend: str = "metaworld",
     ) -> None:
         self.protocol = protocol
-        self.env = MultiTaskEnv(
-            benchmark, protocol, seed, vector_strategy, max_episode_steps, for_evaluation=True
+        self.env = make_multitask_env(
+            backend, benchmark, protocol, seed, vector_strategy, max_episode_steps,
+            for_evaluation=True,
         )
 
     def __call__(self, policy: Policy, episodes_per_task: int | None = None) -> dict[str, float]:
@@ -542,6 +579,7 @@ def evaluate(
     episodes_per_task: int | None = None,
     vector_strategy: VectorStrategy = "async",
     max_episode_steps: int | None = None,
+    backend: str = "metaworld",
 ) -> dict[str, float]:
     """One evaluation in a fresh env: {task name: success rate} over `episodes_per_task`
     deterministic episodes per task (default `protocol.eval_episodes_per_task`).
@@ -550,5 +588,7 @@ def evaluate(
     the goals the agent trained on (with one goal per task, the only goal). To
     evaluate repeatedly without rebuilding the env, keep an `Evaluator` open.
     """
-    with Evaluator(benchmark, protocol, seed, vector_strategy, max_episode_steps) as evaluator:
+    with Evaluator(
+        benchmark, protocol, seed, vector_strategy, max_episode_steps, backend
+    ) as evaluator:
         return evaluator(policy, episodes_per_task)

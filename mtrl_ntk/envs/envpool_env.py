@@ -1,0 +1,508 @@
+"""Meta-World v3 through EnvPool's native C++ ports: the `env.backend=envpool` MultiTaskEnv.
+
+Same interface as `mtrl_ntk.envs.metaworld_env.MultiTaskEnv` (StepResult, autoreset
+with the true final observation, success at any step, raw and normalised rewards,
+`state_dict` / `episode_start_state_dict` for checkpoints), built on EnvPool 1.2.5's
+`MetaWorld/<Task>-v3` pools instead of Meta-World's Python environments.
+
+What EnvPool's Meta-World is, found by reading envpool 1.2.5 and by experiment
+(README, "Environment backends", has the protocol-by-protocol table):
+- Physics, observation layout and the v2 reward match Meta-World 3.1.1 for the same
+  goal (tests/envs/test_envpool_env.py sets Meta-World's goal to EnvPool's and steps
+  both with the same actions). Observations are 39-dim, hand / gripper / objects,
+  the previous frame, goal; the goal is zero unless `partially_observable=False`
+  (EnvPool's default is True; Meta-World's MT benchmarks show it; we pass False).
+- Only the v2 reward exists (`reward` == `info["unscaled_reward"]`, in [0, 10]);
+  there is no v1 reward, so `classic` cannot be served.
+- Goals: every reset draws a fresh goal from the task's continuous goal space with
+  the env's own RNG, which is seeded once, at construction (`reset(seed=...)` is
+  ignored with a warning). There is no fixed goal list and no way to set a goal.
+  We get a protocol's finite goal set back from the one thing that is fixed: the
+  first reset of a pool built with seed s always gives the same goal. Goal k of
+  task i is the first reset of a pool seeded with `_goal_seed(seed, i, k)`, so every
+  episode runs in a freshly built one-env pool (about 15-20 ms of CPU per task and
+  episode, mostly MuJoCo compiling the model; a background thread builds the next
+  episode's pool while the current one runs, so a spare core hides it). The goals differ
+  from Meta-World's for the same seed (another RNG), but are drawn from the same
+  goal space, one set of `num_goals` per task, visited as Meta-World visits them
+  (uniformly at random in training, in shuffled cycles in evaluation).
+- Autoreset: EnvPool resets an ended env on the *next* step (that step's action is
+  ignored and it returns the reset observation). We never let that happen: an
+  ended episode's pool is replaced at once, so `StepResult.obs` already holds the
+  next episode's first observation and `next_obs` the true final one.
+- Horizon: `max_episode_steps` truncates (`elapsed_step` counts steps); we keep our
+  own step count and end episodes at the horizon ourselves. Episodes never
+  terminate on their own; evaluation ends an episode at its first success
+  (`info["success"] > 0`), as Meta-World's AutoTerminateOnSuccessWrapper does.
+- Threads: one pool (one env, one C++ worker thread) per task. `step_async` sends
+  all T actions and returns, `step_wait` collects; the T threads run on whatever
+  cores the process may use, so no process is forked and no signal reaches them.
+- Failures: EnvPool raises RuntimeError from a failed pool (construction, send,
+  receive); they become `EnvWorkerError`, which the trainer turns into its one-line
+  stop, as for a dead Meta-World worker process.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import warnings
+from typing import Any
+
+import numpy as np
+
+from mtrl_ntk.envs.metaworld_env import (
+    _EVALUATION_SEED_STREAM,
+    _REWARD_STD_EPS,
+    BENCHMARK_TASKS,
+    EnvWorkerError,
+    StepResult,
+    _check_choice,
+)
+from mtrl_ntk.envs.protocols import METAWORLD_MAX_PATH_LENGTH, Protocol
+
+ENVPOOL_VERSION = "1.2.5"
+"""The EnvPool release whose Meta-World this module was checked against (pinned in the locks)."""
+
+_OBS_DIM = 39
+_ACTION_DIM = 4
+# Seed-sequence streams: goals (shared by training and evaluation) and goal-order RNGs.
+_GOAL_STREAM = 2
+_ORDER_STREAM = 3
+
+
+def envpool_unavailable_reason() -> str | None:
+    """Why `env.backend=envpool` cannot run here (envpool missing), or None."""
+    try:
+        import envpool  # noqa: F401
+        from envpool.mujoco.metaworld import registration  # noqa: F401
+    except ImportError as error:
+        return (
+            f"the envpool package is not importable ({error}); install it with "
+            f"pip install envpool=={ENVPOOL_VERSION} (or the 'rl' extra)"
+        )
+    return None
+
+
+def protocol_unsupported_reason(protocol: Protocol) -> str | None:
+    """Why EnvPool's Meta-World cannot reproduce `protocol`, or None if it can."""
+    if protocol.reward_function_version != "v2":
+        return (
+            f"EnvPool's Meta-World computes only the v2 reward, protocol {protocol.name!r} "
+            f"uses reward_function_version={protocol.reward_function_version!r}"
+        )
+    return None
+
+
+def _goal_seed(seed: int, task_index: int, goal: int) -> int:
+    """The pool seed whose first reset is goal `goal` of task `task_index` (EnvPool: int32)."""
+    state = np.random.SeedSequence([seed, _GOAL_STREAM, task_index, goal]).generate_state(1)
+    return int(state[0] & 0x7FFFFFFF)
+
+
+def _task_id(task_name: str) -> str:
+    from envpool.mujoco.metaworld.registration import metaworld_task_id
+
+    return metaworld_task_id(task_name)
+
+
+class EnvPoolMultiTaskEnv:
+    """T Meta-World v3 tasks on EnvPool, one one-env pool per task; see the module docstring.
+
+    Same constructor and methods as `MultiTaskEnv` (`vector_strategy` is accepted and
+    ignored: stepping is always asynchronous, in EnvPool's C++ threads).
+    """
+
+    backend = "envpool"
+
+    def __init__(
+        self,
+        benchmark: str,
+        protocol: Protocol,
+        seed: int,
+        vector_strategy: str = "async",
+        max_episode_steps: int | None = None,
+        *,
+        for_evaluation: bool = False,
+    ) -> None:
+        _check_choice("benchmark", benchmark, list(BENCHMARK_TASKS))
+        _check_choice("vector_strategy", vector_strategy, ["async", "sync"])
+        unavailable = envpool_unavailable_reason()
+        if unavailable is not None:
+            raise RuntimeError(f"env.backend=envpool: {unavailable}")
+        reason = protocol_unsupported_reason(protocol)
+        if reason is not None:
+            raise ValueError(f"env.backend=envpool cannot serve protocol={protocol.name}: {reason}")
+        horizon = protocol.max_episode_steps if max_episode_steps is None else max_episode_steps
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or not (
+            1 <= horizon <= METAWORLD_MAX_PATH_LENGTH
+        ):
+            raise ValueError(
+                f"max_episode_steps={horizon!r}; allowed: an integer from 1 to "
+                f"{METAWORLD_MAX_PATH_LENGTH} (Meta-World's path limit)"
+            )
+        self.benchmark = benchmark
+        self.protocol = protocol
+        self.seed = seed
+        self.max_episode_steps = horizon
+        self.for_evaluation = for_evaluation
+        self.task_names: list[str] = list(BENCHMARK_TASKS[benchmark])
+        self.num_tasks = len(self.task_names)
+        self.obs_dim = _OBS_DIM
+        self.action_dim = _ACTION_DIM
+        self.action_low = -np.ones(_ACTION_DIM, dtype=np.float32)
+        self.action_high = np.ones(_ACTION_DIM, dtype=np.float32)
+        self._task_ids = [_task_id(name) for name in self.task_names]
+        self._base_path: str | None = None  # None: EnvPool's installed assets
+
+        order_seed = seed
+        if for_evaluation:
+            order_seed = int(
+                np.random.SeedSequence([seed, _EVALUATION_SEED_STREAM]).generate_state(1)[0]
+            )
+        self._order_rngs = [
+            np.random.default_rng(np.random.SeedSequence([order_seed, _ORDER_STREAM, task]))
+            for task in range(self.num_tasks)
+        ]
+        # Evaluation: each task's shuffled cycle through its goals and the position in it.
+        self._cycles: list[list[int]] = [[] for _ in range(self.num_tasks)]
+        self._cycle_positions = [0] * self.num_tasks
+
+        self._pools: list[Any] = [None] * self.num_tasks
+        # The next episode of each task, prepared while the current one runs: the goal
+        # sampler's state before its draw, and its pool being built in the background.
+        self._builder = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="envpool-builder"
+        )
+        self._prepared: list[tuple[dict[str, Any], concurrent.futures.Future] | None] = [
+            None
+        ] * self.num_tasks
+        # The goal sampler's state before the draw of each task's current episode.
+        self._episode_samplers: list[dict[str, Any] | None] = [None] * self.num_tasks
+        self._action_buffers: list[list[np.ndarray]] = [[] for _ in range(self.num_tasks)]
+        self._state_index: dict[str, int] = {}
+        self._closed = False
+        self._reward_mean = np.zeros(self.num_tasks, dtype=np.float64)
+        self._reward_var = np.ones(self.num_tasks, dtype=np.float64)
+        self._running_return = np.zeros(self.num_tasks, dtype=np.float64)
+        self._running_success = np.zeros(self.num_tasks, dtype=bool)
+        self._steps = np.zeros(self.num_tasks, dtype=np.int64)
+        self._needs_reset = True
+        self._pending_actions: np.ndarray | None = None
+        self._episode_steps: int | None = None
+        self._steps_in_workers = True  # as MultiTaskEnv's async strategy (trainer overlap)
+
+    # -- goals -----------------------------------------------------------------------------
+
+    def _next_goal(self, task: int) -> int:
+        num_goals = self.protocol.num_goals
+        rng = self._order_rngs[task]
+        if not self.for_evaluation:
+            return int(rng.integers(num_goals))
+        if self._cycle_positions[task] >= len(self._cycles[task]):
+            self._cycles[task] = [int(goal) for goal in rng.permutation(num_goals)]
+            self._cycle_positions[task] = 0
+        goal = self._cycles[task][self._cycle_positions[task]]
+        self._cycle_positions[task] += 1
+        return goal
+
+    def _sampler(self, task: int) -> dict[str, Any]:
+        """Task's goal-order state (plain Python values): RNG, evaluation cycle, position."""
+        return {
+            "rng": self._order_rngs[task].bit_generator.state,
+            "cycle": list(self._cycles[task]),
+            "position": int(self._cycle_positions[task]),
+        }
+
+    def _set_sampler(self, task: int, sampler: dict[str, Any]) -> None:
+        self._order_rngs[task].bit_generator.state = sampler["rng"]
+        self._cycles[task] = [int(goal) for goal in sampler["cycle"]]
+        self._cycle_positions[task] = int(sampler["position"])
+
+    def _samplers(self) -> list[dict[str, Any]]:
+        """Every task's goal-order state as if no next episode had been prepared."""
+        return [
+            self._prepared[task][0] if self._prepared[task] is not None else self._sampler(task)
+            for task in range(self.num_tasks)
+        ]
+
+    # -- pools -----------------------------------------------------------------------------
+
+    def _build_pool(self, task: int, goal: int, base_path: str | None) -> tuple[Any, np.ndarray]:
+        """A one-env pool of task whose first reset is goal `goal`, reset; (pool, obs [D])."""
+        import envpool
+
+        options: dict[str, Any] = {}
+        if base_path is not None:
+            options["base_path"] = base_path
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pool = envpool.make_gymnasium(
+                self._task_ids[task],
+                num_envs=1,
+                num_threads=1,
+                seed=_goal_seed(self.seed, task, goal),
+                partially_observable=False,
+                max_episode_steps=self.max_episode_steps,
+                **options,
+            )
+        obs, _ = pool.reset()
+        return pool, np.asarray(obs[0], dtype=np.float64)
+
+    def _prepare(self, task: int) -> None:
+        """Draw task's next goal now and build its pool in the background thread.
+
+        The draw is the one the next reset would make, so preparing changes no goal; the
+        sampler state from before it is kept for checkpoints and for `_unprepare`.
+        """
+        before = self._sampler(task)
+        goal = self._next_goal(task)
+        self._prepared[task] = (before, self._builder.submit(
+            self._build_pool, task, goal, self._base_path
+        ))
+
+    def _unprepare(self, task: int) -> None:
+        """Forget task's prepared episode: close its pool and rewind its goal draw."""
+        prepared = self._prepared[task]
+        if prepared is None:
+            return
+        self._prepared[task] = None
+        before, future = prepared
+        self._set_sampler(task, before)
+        with contextlib.suppress(Exception):  # a failed build has nothing to close
+            future.result()[0].close()
+
+    def _start_episode(self, task: int, action: str) -> np.ndarray:
+        """Replace task's pool with the prepared one on its next goal; returns obs [D] float64."""
+        if self._prepared[task] is None:
+            self._prepare(task)
+        before, future = self._prepared[task]  # type: ignore[misc]
+        self._prepared[task] = None
+        old = self._pools[task]
+        self._pools[task] = None
+        try:
+            if old is not None:
+                old.close()
+            pool, obs = future.result()
+            self._pools[task] = pool
+            if not self._state_index:
+                self._state_index = {key: i for i, key in enumerate(pool._state_keys)}
+            self._action_buffers[task] = pool._from(
+                np.zeros((1, _ACTION_DIM), dtype=np.float32), np.zeros(1, dtype=np.int32)
+            )
+        except (RuntimeError, AssertionError, OSError) as error:
+            raise EnvWorkerError(self._failure_message(task, action, error)) from error
+        self._episode_samplers[task] = before
+        self._prepare(task)  # the next episode's pool builds while this one runs
+        return obs
+
+    def _failure_message(self, task: int, action: str, error: BaseException) -> str:
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return (
+            f"EnvPool pool of task {self.task_names[task]} failed during {action}: {detail}"
+        )
+
+    # -- the MultiTaskEnv interface ----------------------------------------------------------
+
+    def reset(self) -> np.ndarray:
+        """Start a new episode of every task; returns obs [T, D] float32."""
+        self._ensure_open()
+        if self._pending_actions is not None:
+            raise RuntimeError("MultiTaskEnv.reset called between step_async() and step_wait()")
+        for task in range(self.num_tasks):
+            self._unprepare(task)
+        if self.for_evaluation:  # restart every goal cycle, as MultiTaskEnv does
+            self._cycles = [[] for _ in range(self.num_tasks)]
+            self._cycle_positions = [0] * self.num_tasks
+        obs = np.stack([self._start_episode(task, "reset") for task in range(self.num_tasks)])
+        self._steps[:] = 0
+        self._running_return[:] = 0.0
+        self._running_success[:] = False
+        self._needs_reset = False
+        self._episode_steps = 0
+        return obs.astype(np.float32)
+
+    def step(self, actions: np.ndarray) -> StepResult:
+        """Step every task with its action (actions [T, A]); see `StepResult`."""
+        self.step_async(actions)
+        return self.step_wait()
+
+    def step_async(self, actions: np.ndarray) -> None:
+        """Send every task's action to its pool and return; `step_wait` collects."""
+        self._ensure_open()
+        if self._needs_reset:
+            raise RuntimeError("MultiTaskEnv.step called before reset()")
+        if self._pending_actions is not None:
+            raise RuntimeError("MultiTaskEnv.step_async called again before step_wait()")
+        actions = np.asarray(actions, dtype=np.float32)
+        if actions.shape != (self.num_tasks, self.action_dim):
+            raise ValueError(
+                f"actions have shape {actions.shape}; expected (T, A) = "
+                f"({self.num_tasks}, {self.action_dim})"
+            )
+        for task, pool in enumerate(self._pools):
+            buffer = self._action_buffers[task]
+            buffer[-1] = np.ascontiguousarray(actions[task : task + 1])
+            try:
+                pool._send(buffer)
+            except RuntimeError as error:
+                raise EnvWorkerError(self._failure_message(task, "step", error)) from error
+        self._pending_actions = actions
+
+    def step_wait(self) -> StepResult:
+        """The transitions of the step that `step_async` started; see `StepResult`."""
+        self._ensure_open()
+        if self._pending_actions is None:
+            raise RuntimeError("MultiTaskEnv.step_wait called without step_async()")
+        self._pending_actions = None
+        index = self._state_index
+        obs = np.empty((self.num_tasks, self.obs_dim), dtype=np.float64)
+        raw_reward = np.empty(self.num_tasks, dtype=np.float64)
+        success = np.empty(self.num_tasks, dtype=bool)
+        for task, pool in enumerate(self._pools):
+            try:
+                state = pool._recv()
+            except RuntimeError as error:
+                raise EnvWorkerError(self._failure_message(task, "step", error)) from error
+            obs[task] = state[index["obs"]][0]
+            raw_reward[task] = state[index["reward"]][0]
+            success[task] = state[index["info:success"]][0] > 0
+        self._steps += 1
+        truncated = self._steps >= self.max_episode_steps
+        terminated = success if self.for_evaluation else np.zeros(self.num_tasks, dtype=bool)
+        episode_end = terminated | truncated
+        if self._episode_steps is not None:
+            if episode_end.all():
+                self._episode_steps = 0
+            elif episode_end.any():
+                self._episode_steps = None  # out of step until the next reset()
+            else:
+                self._episode_steps += 1
+
+        next_obs = obs.copy()
+        for task in np.flatnonzero(episode_end):
+            obs[task] = self._start_episode(int(task), "step")
+            self._steps[task] = 0
+
+        self._running_return += raw_reward
+        self._running_success |= success
+        episode_return = np.where(episode_end, self._running_return, np.nan)
+        episode_success = episode_end & self._running_success
+        self._running_return[episode_end] = 0.0
+        self._running_success[episode_end] = False
+
+        return StepResult(
+            obs=obs.astype(np.float32),
+            next_obs=next_obs.astype(np.float32),
+            reward=self._normalize(raw_reward).astype(np.float32),
+            raw_reward=raw_reward.astype(np.float32),
+            terminated=terminated,
+            truncated=truncated & ~terminated,
+            success=success,
+            episode_end=episode_end,
+            episode_return=episode_return,
+            episode_success=episode_success,
+        )
+
+    def _normalize(self, raw_reward: np.ndarray) -> np.ndarray:
+        """Running exponential std normalisation (garage's NormalizedEnv), per task."""
+        if not self.protocol.normalize_reward:
+            return raw_reward
+        alpha = self.protocol.reward_norm_alpha
+        self._reward_mean = (1.0 - alpha) * self._reward_mean + alpha * raw_reward
+        self._reward_var = (1.0 - alpha) * self._reward_var + alpha * np.square(
+            raw_reward - self._reward_mean
+        )
+        return raw_reward / (np.sqrt(self._reward_var) + _REWARD_STD_EPS)
+
+    @property
+    def reward_std(self) -> np.ndarray:
+        return np.sqrt(self._reward_var)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Reward-normaliser statistics and each task's goal-order RNG (plain Python values)."""
+        self._ensure_open()
+        return {
+            "backend": self.backend,
+            "reward_mean": self._reward_mean.tolist(),
+            "reward_var": self._reward_var.tolist(),
+            "task_samplers": self._samplers(),
+        }
+
+    @property
+    def at_episode_start(self) -> bool:
+        return (
+            not self.for_evaluation
+            and not self._needs_reset
+            and self._pending_actions is None
+            and self._episode_steps == 0
+        )
+
+    def episode_start_state_dict(self) -> dict[str, Any]:
+        """A state from which `load_state_dict` + `reset()` continues this env exactly."""
+        self._ensure_open()
+        if not self.at_episode_start:
+            raise RuntimeError(
+                "episode_start_state_dict() needs every episode to have just started "
+                "(right after reset(), or after the step that ended all episodes)"
+            )
+        return {
+            "backend": self.backend,
+            "reward_mean": self._reward_mean.tolist(),
+            "reward_var": self._reward_var.tolist(),
+            "task_samplers": list(self._episode_samplers),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._ensure_open()
+        backend = state.get("backend", "metaworld")
+        if backend != self.backend:
+            raise ValueError(
+                f"environment state was saved by env.backend={backend}; this env is "
+                f"env.backend={self.backend} (their goals differ; resume with the same backend)"
+            )
+        for key in ("reward_mean", "reward_var"):
+            value = np.asarray(state[key], dtype=np.float64)
+            if value.shape != (self.num_tasks,):
+                raise ValueError(
+                    f"state[{key!r}] has shape {value.shape}; expected ({self.num_tasks},)"
+                )
+        samplers = list(state["task_samplers"])
+        if len(samplers) != self.num_tasks:
+            raise ValueError(
+                f"state['task_samplers'] has {len(samplers)} entries; expected {self.num_tasks}"
+            )
+        self._reward_mean = np.array(state["reward_mean"], dtype=np.float64)
+        self._reward_var = np.array(state["reward_var"], dtype=np.float64)
+        for task, sampler in enumerate(samplers):
+            self._unprepare(task)
+            self._set_sampler(task, sampler)
+        self._needs_reset = True
+        self._episode_steps = None
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("MultiTaskEnv is closed")
+
+    def close(self) -> None:
+        """Free every pool (its C++ thread and simulator). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in range(self.num_tasks):
+            self._unprepare(task)
+        self._builder.shutdown(wait=True)
+        for task, pool in enumerate(self._pools):
+            if pool is not None:
+                if self._pending_actions is not None:
+                    with contextlib.suppress(RuntimeError):  # collect the step in flight
+                        pool._recv()
+                pool.close()
+            self._pools[task] = None
+        self._pending_actions = None
+
+    def __enter__(self) -> EnvPoolMultiTaskEnv:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
