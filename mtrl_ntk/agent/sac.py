@@ -332,6 +332,10 @@ class MultiTaskSAC:
         )
         critic_random = self.critic_combiner.draw_random(self.critic_engine.shared_dim, self.device)
         actor_random = self.actor_combiner.draw_random(self.actor_engine.shared_dim, self.device)
+        if self._update_fn.compiled and self.device.type == "cuda":
+            # One CUDA-graph replay per update: the previous update's outputs (the metrics,
+            # already added into the trainer's sums) may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
         return self._update_fn(
             batch.obs, batch.action, batch.reward, batch.next_obs, batch.done,
             noise, critic_random, actor_random,
