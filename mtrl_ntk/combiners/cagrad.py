@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mtrl_ntk.combiners._tools import is_real
-from mtrl_ntk.combiners.base import CombinerOutput, TaskStats, check_param, register_combiner
+from mtrl_ntk.combiners.base import check_param, register_combiner
 from mtrl_ntk.combiners.solvers import (
     KKT_TOLERANCE,
     GramianCombiner,
@@ -95,16 +95,14 @@ class CAGrad(WarmStart, GramianCombiner):
     Gramian gives LS weights 1/T with ``solver_fallback`` = 1.
     """
 
+    warm_start_key = "dual_weights"
+
     def __init__(self, num_tasks: int, *, c: float = 0.4) -> None:
         super().__init__(num_tasks)
         check_param(is_real(c) and c >= 0, "c", c, "a finite real number >= 0 (0.4 in the paper)")
         self.c = float(c)
         self._init_warm_start()
 
-    def combine(self, stats: TaskStats) -> CombinerOutput:
-        output = super().combine(stats)
-        self._keep_warm_start(output, "dual_weights")
-        return output
 
     def weigh(self, gramian: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
         rescale = 1.0 / (1.0 + self.c**2)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mtrl_ntk.combiners._tools import is_real
-from mtrl_ntk.combiners.base import CombinerOutput, TaskStats, check_param, register_combiner
+from mtrl_ntk.combiners.base import check_param, register_combiner
 from mtrl_ntk.combiners.solvers import GramianCombiner, WarmStart, power_balance_weights
 
 
@@ -52,10 +52,6 @@ class FairGrad(WarmStart, GramianCombiner):
         self.alpha = float(alpha)
         self._init_warm_start()
 
-    def combine(self, stats: TaskStats) -> CombinerOutput:
-        output = super().combine(stats)
-        self._keep_warm_start(output)
-        return output
 
     def weigh(self, gramian: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
         weights, diagnostics = power_balance_weights(

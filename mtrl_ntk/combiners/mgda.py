@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtrl_ntk.combiners.base import CombinerOutput, TaskStats, register_combiner
+from mtrl_ntk.combiners.base import register_combiner
 from mtrl_ntk.combiners.solvers import (
     KKT_TOLERANCE,
     GramianCombiner,
@@ -77,10 +77,6 @@ class MGDA(WarmStart, GramianCombiner):
         super().__init__(num_tasks)
         self._init_warm_start()
 
-    def combine(self, stats: TaskStats) -> CombinerOutput:
-        output = super().combine(stats)
-        self._keep_warm_start(output)
-        return output
 
     def weigh(self, gramian: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
         return min_norm_weights(gramian, self.warm_start_on(gramian.device))

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtrl_ntk.combiners.base import CombinerOutput, TaskStats, register_combiner
+from mtrl_ntk.combiners.base import register_combiner
 from mtrl_ntk.combiners.solvers import GramianCombiner, WarmStart, power_balance_weights
 
 
@@ -57,10 +57,6 @@ class NashMTL(WarmStart, GramianCombiner):
         super().__init__(num_tasks)
         self._init_warm_start()
 
-    def combine(self, stats: TaskStats) -> CombinerOutput:
-        output = super().combine(stats)
-        self._keep_warm_start(output)
-        return output
 
     def weigh(self, gramian: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
         weights, diagnostics = power_balance_weights(

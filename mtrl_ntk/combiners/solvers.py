@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -198,19 +199,7 @@ def _kkt_violation(
     hessian: Tensor, linear: Tensor, constraint: Tensor, point: Tensor, radius: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(max relative KKT violation, multiplier ν, step λ) at a feasible point u."""
-    hu = hessian @ point
-    if radius is None:
-        step = torch.ones((), dtype=torch.float64, device=point.device)
-    else:
-        step = radius / (point @ hu).clamp_min(1e-300).sqrt()
-    gradient = linear + step * hu
-    # ν from the support: the weighted mean of gradient / c over it (exact at the optimum).
-    weights = point * constraint
-    multiplier = (weights * gradient / constraint).sum() / weights.sum().clamp_min(1e-300)
-    # Multipliers of the bounds u_j >= 0, divided by c_j: in the units of ∂/∂w_j.
-    bound = (gradient - multiplier * constraint) / constraint
-    magnitude = (linear.abs() + step * (hessian.abs() @ point)) / constraint + multiplier.abs()
-    relative = bound / magnitude.clamp_min(1e-300)
+    relative, multiplier, step = _bound_multipliers(hessian, linear, constraint, point, radius)
     support = point > 0
     violation = torch.where(support, relative.abs(), (-relative).clamp_min(0.0)).amax()
     return violation, multiplier, step
@@ -351,7 +340,7 @@ def _active_set(
         point = torch.where(improved, moved, point)
         value = torch.where(improved, moved_value, value)
         # Free set: the support, plus the bound with the most negative multiplier.
-        violation_by_task = _bound_multipliers(hessian, linear, constraint, point, radius)
+        violation_by_task, _, _ = _bound_multipliers(hessian, linear, constraint, point, radius)
         support = point > 0
         entering = torch.where(support, torch.inf, violation_by_task)
         joins = tasks == entering.argmin()  # (one_hot would check its input on the host)
@@ -362,20 +351,23 @@ def _active_set(
 
 def _bound_multipliers(
     hessian: Tensor, linear: Tensor, constraint: Tensor, point: Tensor, radius: Tensor | None
-) -> Tensor:
-    """Relative multipliers of the bounds u_j >= 0 at a feasible point (negative: the
-    objective decreases by moving weight onto task j)."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Relative multipliers of the bounds u_j >= 0 at a feasible point u (negative: the
+    objective decreases by moving weight onto task j), the multiplier ν of cᵀu = 1, and
+    the step λ (CAGrad: ρ/‖u‖_H; the QP: 1)."""
     hu = hessian @ point
     if radius is None:
         step = torch.ones((), dtype=torch.float64, device=point.device)
     else:
         step = radius / (point @ hu).clamp_min(1e-300).sqrt()
     gradient = linear + step * hu
+    # ν from the support: the weighted mean of gradient / c over it (exact at the optimum).
     weights = point * constraint
     multiplier = (weights * gradient / constraint).sum() / weights.sum().clamp_min(1e-300)
+    # Multipliers of the bounds u_j >= 0, divided by c_j: in the units of ∂/∂w_j.
     bound = (gradient - multiplier * constraint) / constraint
     magnitude = (linear.abs() + step * (hessian.abs() @ point)) / constraint + multiplier.abs()
-    return bound / magnitude.clamp_min(1e-300)
+    return bound / magnitude.clamp_min(1e-300), multiplier, step
 
 
 # --- Nash-MTL / FairGrad: damped Newton with a fixed budget -------------------------------
@@ -716,6 +708,13 @@ class WarmStart:
     num_tasks: int
     name: str
     warm_start: Tensor
+    # The diagnostic whose value warm-starts the next solve.
+    warm_start_key: ClassVar[str] = "weights"
+
+    def combine(self, stats: TaskStats) -> CombinerOutput:
+        output = super().combine(stats)  # type: ignore[misc]
+        self._keep_warm_start(output, self.warm_start_key)
+        return output
 
     def _init_warm_start(self) -> None:
         self.warm_start = torch.zeros(self.num_tasks, dtype=torch.float64)
