@@ -658,10 +658,11 @@ def train(
     write_provenance(run_dir, argv)
     seed_everything(spec.seed)
     tune_cpu_allocator()  # keep freed tensor memory: no page faults per update (runtime.py)
+    temperature = "one temperature per task" if spec.agent.disentangled_alpha else "one temperature"
     print(
         f"mtrl_ntk: {spec.combiner_name} on {spec.benchmark} ({spec.num_tasks} tasks, protocol "
-        f"{spec.protocol.name}, arch {spec.agent.arch}, "
-        f"{'one temperature per task' if spec.agent.disentangled_alpha else 'one temperature'}), seed {spec.seed}, device {spec.device}, "
+        f"{spec.protocol.name}, arch {spec.agent.arch}, {temperature}), seed {spec.seed}, "
+        f"device {spec.device}, "
         f"{spec.train.num_steps:,} steps -> {run_dir}",
         file=sys.stderr,
     )

@@ -277,7 +277,7 @@ class Actor(_TaskSpecificNames):
     def forward(
         self, obs: Tensor, task_ids: Tensor, task_encoding: Tensor | None = None
     ) -> ActorOutput:
-        """``task_encoding`` [B, E]: the critic's task encoding, detached (``task_encoder`` only)."""
+        """``task_encoding`` [B, E]: the critic's task encoding, detached (task_encoder only)."""
         inputs = self.conditioning(obs, task_ids, task_encoding)
         representation = self.mlp.trunk(inputs, task_ids)  # [B, h]
         mean, raw_log_std = self.mlp.head(representation, task_ids).chunk(2, dim=-1)
@@ -318,9 +318,10 @@ class TwinCritic(_TaskSpecificNames):
 
     Both Q networks read the same task conditioning. With ``task_encoder`` the
     critic owns the agent's one ``TaskEncoder`` (mtrl trains it with the critic
-    loss only); ``encode`` gives the encoding the actor and the target critic read. The representation is the concatenation [z₁, z₂] of
-    the two trunks' outputs, split again for the two output layers, so that the
-    losses of both Q values flow through the one tensor NTKMTL-SR differentiates.
+    loss only); ``encode`` gives the encoding the actor and the target critic read.
+    The representation is the concatenation [z₁, z₂] of the two trunks' outputs,
+    split again for the two output layers, so that the losses of both Q values
+    flow through the one tensor NTKMTL-SR differentiates.
     """
 
     def __init__(

@@ -282,7 +282,8 @@ def test_act_returns_the_mean_action_or_a_sample_per_task() -> None:
 
 
 def test_invalid_settings_fail_with_the_key_and_the_allowed_values() -> None:
-    with pytest.raises(ValueError, match="arch.*mtsac, obs_only, task_encoder, multihead, independent"):
+    with pytest.raises(ValueError,
+                       match="arch.*mtsac, obs_only, task_encoder, multihead, independent"):
         AgentConfig(arch="transformer")
     with pytest.raises(ValueError, match="balance"):
         AgentConfig(balance=("critic", "alpha"))
