@@ -104,7 +104,11 @@ def check_group_choices(argv: Sequence[str], config_dir: Path) -> None:
         key = key.lstrip("+")
         if key not in groups or "(" in value:  # sweep functions such as choice(...) pass through
             continue
-        options = sorted(path.stem for path in (config_dir / key).glob("*.yaml"))
+        # Options in sub-folders are named by their path: experiment=table4/famo.
+        options = sorted(
+            path.relative_to(config_dir / key).with_suffix("").as_posix()
+            for path in (config_dir / key).rglob("*.yaml")
+        )
         for choice in value.split(","):
             choice = choice.strip()
             if choice in options:

@@ -2,7 +2,7 @@
 
 One step is one step of every task's environment (T transitions into the
 replay buffer) followed, after the random warm-up, by one SAC update on a batch
-of ``batch_size / T`` transitions per task (DESIGN.md, "The data path").
+of ``batch_size / T`` transitions per task (docs/design.md, "The data path").
 Evaluations run at the protocol's cadence (and after the last step) with
 deterministic actions.
 
@@ -221,6 +221,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def derive_seeds(seed: int, count: int) -> list[int]:
+    """``count`` independent 63-bit seeds derived from ``seed`` (NumPy's SeedSequence.spawn)."""
+    children = np.random.SeedSequence(seed).spawn(count)
+    return [int(child.generate_state(1, np.uint64)[0] >> np.uint64(1)) for child in children]
+
+
 def _json_number(value: Any) -> Any:
     """Strict JSON: a non-finite float becomes null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -280,14 +286,17 @@ class Trainer:
             spec.num_tasks, spec.capacity_per_task, self.env.obs_dim, self.env.action_dim, device
         )
         critic_combiner, actor_combiner = make_combiners(spec)
+        # Independent streams for the policy noise, the replay sampler and the warm-up
+        # actions, derived from the run's seed (not the same seed three times).
+        noise_seed, sample_seed, warmup_seed = derive_seeds(spec.seed, 3)
         self.agent = MultiTaskSAC(
             self.env.obs_dim, self.env.action_dim, spec.num_tasks, spec.agent,
-            critic_combiner, actor_combiner, device, seed=spec.seed,
+            critic_combiner, actor_combiner, device, seed=noise_seed,
             compile=spec.train.compile,
         )
         self.sample_generator = torch.Generator(device=device)
-        self.sample_generator.manual_seed(spec.seed)
-        self.warmup_rng = np.random.default_rng(spec.seed)  # uniformly random warm-up actions
+        self.sample_generator.manual_seed(sample_seed)
+        self.warmup_rng = np.random.default_rng(warmup_seed)  # uniformly random warm-up actions
 
         self.log_window = MetricAccumulator()  # since the last TensorBoard log
         self.eval_window = MetricAccumulator()  # since the last evaluation
@@ -649,9 +658,11 @@ def train(
     write_provenance(run_dir, argv)
     seed_everything(spec.seed)
     tune_cpu_allocator()  # keep freed tensor memory: no page faults per update (runtime.py)
+    temperature = "one temperature per task" if spec.agent.disentangled_alpha else "one temperature"
     print(
         f"mtrl_ntk: {spec.combiner_name} on {spec.benchmark} ({spec.num_tasks} tasks, protocol "
-        f"{spec.protocol.name}, arch {spec.agent.arch}), seed {spec.seed}, device {spec.device}, "
+        f"{spec.protocol.name}, arch {spec.agent.arch}, {temperature}), seed {spec.seed}, "
+        f"device {spec.device}, "
         f"{spec.train.num_steps:,} steps -> {run_dir}",
         file=sys.stderr,
     )

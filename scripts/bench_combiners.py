@@ -1,6 +1,6 @@
 """Time one gradient update per combiner at MT10 shape, against plain LS and the research code.
 
-Networks (the classic MTRL SAC of DESIGN.md, task conditioning by one-hot):
+Networks (multi-task SAC as in docs/design.md, task conditioning by one-hot):
   critic: twin Q, each a 3x400 ReLU MLP on [obs 39, task one-hot T, action 4] -> 1;
   actor:  a 3x400 ReLU MLP on [obs 39, task one-hot T] -> 2 x 4 (tanh-Gaussian mean, log-std).
 Batch: T = 10 tasks x 128 samples (1280), grouped [T, B_t, ...] as the replay buffer samples it.

@@ -1,6 +1,7 @@
-"""Summarise training runs into a Table-4-style report; see mtrl_ntk/report.py.
+"""Summarise training runs into a Table-4-style report; see mtrl_ntk/report/.
 
-    python scripts/summarize.py RUNS_DIR [--out DIR] [--watch [--interval S]]
+    python scripts/summarize.py RUNS_DIR [--out DIR] [--final last|mean-last-k|best]
+                                [--last-k K] [--watch [--interval S]]
 """
 
 from mtrl_ntk.report import main

@@ -350,3 +350,53 @@ def test_published_mt10_numbers_are_not_shown_beside_mt50_runs(tmp_path: Path) -
     (summary,) = summarize(runs)
     assert summary.published is None
     assert report_title(runs) == "MT50 results"
+
+
+# -- the final-success definition (--final) ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("final", "label"), [
+    (["--final", "last"], "last evaluation"),
+    (["--final", "mean-last-k", "--last-k", "3"], "mean of last 3 evaluations"),
+    (["--final", "best"], "best evaluation"),
+])
+def test_final_success_definitions_are_computed_and_named_in_every_header(
+    tmp_path: Path, final: list[str], label: str
+) -> None:
+    rows = {seed: write_run(tmp_path / "runs" / f"s{seed}", "ls", "mtsac", seed, 5, True)
+            for seed in (0, 1)}
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "runs"), "--out", str(out), *final]) == 0
+
+    def per_run(run_rows: list[dict]) -> float:
+        values = [row["eval/success_mean"] for row in run_rows]
+        return {"last evaluation": values[-1], "best evaluation": max(values),
+                "mean of last 3 evaluations": float(np.mean(values[-3:]))}[label]
+
+    expected = float(np.mean([per_run(run_rows) for run_rows in rows.values()]))
+    row = read_csv(out / "summary.csv")["ls / mtsac"]
+    assert math.isclose(float(row["success_mean"]), expected, rel_tol=1e-12)
+    assert row["final"] == label
+    markdown = (out / "summary.md").read_text()
+    assert f"Final success: {label} (mean ± stderr)" in markdown
+    assert f"## Final success per method ({label})" in markdown
+    page = (out / "report.html").read_text()
+    assert f"Final success: {label} (mean ± stderr)" in page
+
+
+def test_mean_last_k_uses_every_evaluation_of_a_shorter_run(tmp_path: Path) -> None:
+    from mtrl_ntk.report import FinalSuccess, scan_runs
+
+    run_rows = write_run(tmp_path / "r", "ls", "mtsac", 0, 2, True)
+    (run,), _ = scan_runs(tmp_path)
+    values = [row["eval/success_mean"] for row in run_rows]
+    assert math.isclose(FinalSuccess("mean-last-k", 10).success(run), float(np.mean(values)))
+    with pytest.raises(ValueError, match="final must be one of"):
+        FinalSuccess("median")
+
+
+def test_html_escapes_every_value(tmp_path: Path) -> None:
+    write_run(tmp_path / "runs" / "x", "<script>alert(1)</script>", "mtsac", 0, 2, True)
+    generate_report(tmp_path / "runs", tmp_path / "out")
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page

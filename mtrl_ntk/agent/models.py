@@ -8,8 +8,19 @@ which NTKMTL-SR differentiates against (Qin et al., NeurIPS 2025, Eq. 17).
 Architectures (``arch``; the rows of the paper's Table 4):
 
 - ``mtsac``: the task one-hot concatenated to the observation; all parameters shared.
-- ``task_encoder``: a learned task embedding concatenated to the observation
-  ("MTL SAC + TE"); the encoder's parameters are shared like the rest.
+- ``obs_only``: all parameters shared and no task input at all: the networks read
+  the observation only. This is what mtrl builds when ``should_use_task_encoder``
+  is False (``mtrl/agent/components/actor.py``: the task information is then not
+  concatenated), i.e. the network of mtrl's MT-SAC, PCGrad, FAMO and FairGrad MT10
+  commands; only a per-task temperature (``disentangled_alpha``) and the
+  observation itself tell the tasks apart.
+- ``task_encoder``: a learned task encoding concatenated to the observation
+  ("MTL SAC + TE"), with mtrl's semantics: ONE task encoder, owned by the critic
+  and trained by the critic loss only (mtrl's ``losses_to_train``); the actor
+  receives the encoding detached (``TwinCritic.encode(...).detach()``, passed as
+  ``task_encoding``), so the actor loss never reaches the encoder. The embedding
+  rows are task-specific parameters (row i is only touched by task i), the
+  encoder's MLP is shared.
 - ``multihead``: a shared trunk on the observation, one linear output head per
   task ("MH SAC"); the heads are task-specific parameters.
 - ``independent``: one network per task ("STL"); every parameter is task-specific.
@@ -40,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ARCHITECTURES = ("mtsac", "task_encoder", "multihead", "independent")
+ARCHITECTURES = ("mtsac", "obs_only", "task_encoder", "multihead", "independent")
 
 
 def check_architecture(arch: str) -> None:
@@ -137,33 +148,30 @@ class TaskEncoder(nn.Module):
 
 
 class TaskConditioning(nn.Module):
-    """What is concatenated to the network input: the one-hot, a learned encoding, or nothing."""
+    """What is concatenated to the network input: the one-hot, a task encoding, or nothing.
+
+    Parameter-free: the task encoding of ``task_encoder`` comes from the critic's
+    ``TaskEncoder`` (see the module docstring) and is passed in.
+    """
 
     def __init__(self, arch: str, num_tasks: int, task_embedding_dim: int) -> None:
         super().__init__()
         check_architecture(arch)
         self.arch = arch
         self.num_tasks = num_tasks
-        self.encoder = (
-            TaskEncoder(
-                num_tasks,
-                embedding_dim=task_embedding_dim,
-                hidden_dim=task_embedding_dim,
-                output_dim=task_embedding_dim,
-            )
-            if arch == "task_encoder"
-            else None
-        )
+        self.needs_encoding = arch == "task_encoder"
         self.dim = {"mtsac": num_tasks, "task_encoder": task_embedding_dim}.get(arch, 0)
 
-    def forward(self, inputs: Tensor, task_ids: Tensor) -> Tensor:
+    def forward(self, inputs: Tensor, task_ids: Tensor, task_encoding: Tensor | None) -> Tensor:
         if self.arch == "mtsac":
             # F.one_hot checks its input's range (a host sync) and fails under vmap.
             tasks = torch.arange(self.num_tasks, device=task_ids.device)
             one_hot = (task_ids.unsqueeze(-1) == tasks).to(inputs.dtype)  # [B, T]
             return torch.cat([inputs, one_hot], dim=-1)
-        if self.encoder is not None:
-            return torch.cat([inputs, self.encoder(task_ids)], dim=-1)
+        if self.needs_encoding:
+            if task_encoding is None:
+                raise ValueError("the task_encoder architecture needs the task encoding [B, E]")
+            return torch.cat([inputs, task_encoding], dim=-1)
         return inputs
 
 
@@ -208,13 +216,18 @@ class TaskMLP(nn.Module):
 
 
 class _TaskSpecificNames(nn.Module):
-    """``is_task_specific(name)``: whether a parameter belongs to a StackedLinear."""
+    """``is_task_specific(name)``: whether a parameter is stacked [T, ...], row i task i's.
+
+    Those of a StackedLinear and the embedding table of a TaskEncoder (row i is
+    task i's embedding and only task i's loss reaches it). The engine keeps them
+    out of the shared Jacobian, hence out of the Gramian and the NTK blocks.
+    """
 
     def _collect_task_specific(self) -> None:
         self._task_specific_names = frozenset(
             f"{module_name}.{param_name}" if module_name else param_name
             for module_name, module in self.named_modules()
-            if isinstance(module, StackedLinear)
+            if isinstance(module, (StackedLinear, nn.Embedding))
             for param_name, _ in module.named_parameters(recurse=False)
         )
 
@@ -261,8 +274,12 @@ class Actor(_TaskSpecificNames):
         )
         self._collect_task_specific()
 
-    def forward(self, obs: Tensor, task_ids: Tensor) -> ActorOutput:
-        representation = self.mlp.trunk(self.conditioning(obs, task_ids), task_ids)  # [B, h]
+    def forward(
+        self, obs: Tensor, task_ids: Tensor, task_encoding: Tensor | None = None
+    ) -> ActorOutput:
+        """``task_encoding`` [B, E]: the critic's task encoding, detached (task_encoder only)."""
+        inputs = self.conditioning(obs, task_ids, task_encoding)
+        representation = self.mlp.trunk(inputs, task_ids)  # [B, h]
         mean, raw_log_std = self.mlp.head(representation, task_ids).chunk(2, dim=-1)
         log_std = squash_log_std(raw_log_std, self.log_std_min, self.log_std_max)
         return ActorOutput(mean, log_std, representation)
@@ -299,10 +316,12 @@ class CriticOutput(NamedTuple):
 class TwinCritic(_TaskSpecificNames):
     """The two Q networks of SAC (clipped double Q, Fujimoto et al., 2018), as mtrl's Critic.
 
-    Both Q networks read the same task conditioning (one task encoder for the
-    pair, as mtrl shares it). The representation is the concatenation [z₁, z₂] of
-    the two trunks' outputs, split again for the two output layers, so that the
-    losses of both Q values flow through the one tensor NTKMTL-SR differentiates.
+    Both Q networks read the same task conditioning. With ``task_encoder`` the
+    critic owns the agent's one ``TaskEncoder`` (mtrl trains it with the critic
+    loss only); ``encode`` gives the encoding the actor and the target critic read.
+    The representation is the concatenation [z₁, z₂] of the two trunks' outputs,
+    split again for the two output layers, so that the losses of both Q values
+    flow through the one tensor NTKMTL-SR differentiates.
     """
 
     def __init__(
@@ -318,13 +337,33 @@ class TwinCritic(_TaskSpecificNames):
         super().__init__()
         self.hidden_dim = hidden_dim
         self.conditioning = TaskConditioning(arch, num_tasks, task_embedding_dim)
+        self.task_encoder = (
+            TaskEncoder(
+                num_tasks,
+                embedding_dim=task_embedding_dim,
+                hidden_dim=task_embedding_dim,
+                output_dim=task_embedding_dim,
+            )
+            if self.conditioning.needs_encoding
+            else None
+        )
         input_dim = obs_dim + action_dim + self.conditioning.dim
         self.q1 = TaskMLP(arch, num_tasks, input_dim, 1, hidden_dim, num_layers)
         self.q2 = TaskMLP(arch, num_tasks, input_dim, 1, hidden_dim, num_layers)
         self._collect_task_specific()
 
-    def forward(self, obs: Tensor, action: Tensor, task_ids: Tensor) -> CriticOutput:
-        inputs = self.conditioning(torch.cat([obs, action], dim=-1), task_ids)
+    def encode(self, task_ids: Tensor) -> Tensor | None:
+        """The task encoding [B, E] of the critic's TaskEncoder (None without one)."""
+        return None if self.task_encoder is None else self.task_encoder(task_ids)
+
+    def forward(
+        self, obs: Tensor, action: Tensor, task_ids: Tensor, task_encoding: Tensor | None = None
+    ) -> CriticOutput:
+        """``task_encoding`` [B, E] replaces the critic's own encoding (``task_encoder`` only):
+        the actor loss and the TD target pass the detached encoding, as mtrl does."""
+        if task_encoding is None and self.task_encoder is not None:
+            task_encoding = self.task_encoder(task_ids)
+        inputs = self.conditioning(torch.cat([obs, action], dim=-1), task_ids, task_encoding)
         representation = torch.cat(
             [self.q1.trunk(inputs, task_ids), self.q2.trunk(inputs, task_ids)], dim=-1
         )  # [B, 2h]

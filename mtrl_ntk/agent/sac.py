@@ -14,6 +14,15 @@ semantics of mtrl, Sodhani et al., 2021):
    averaged over all samples, with log π from the actor before its step.
 5. Target critic: θ̄ ← (1 - τ) θ̄ + τ θ.
 
+With ``arch=task_encoder`` (mtrl's semantics): the one task encoder belongs to the
+critic and is trained by the critic loss only. Its encoding of the T tasks is
+computed once per update, before the critic's step, and read detached by the TD
+target (actor and target critic), the actor loss (actor and critic) and the
+temperature's log π, as mtrl's ``update`` computes ``task_encoding`` once and
+detaches it for every component not in ``losses_to_train`` (mtrl steps the
+encoder's optimiser at the end of the update; the encoder here steps with the
+critic, which no later stage can tell apart since they read the earlier encoding).
+
 Each of steps 2 and 3 is ``engine.backward(loss_fn, batch, combiner)`` ->
 ``optimizer.step()`` -> ``engine.after_step(...)``: the engine computes exactly
 what the combiner declares it needs and writes ``.grad``; nothing here depends on
@@ -77,11 +86,14 @@ class BatchLike(Protocol):
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """Multi-task SAC settings; the defaults are mtrl's MT10 settings (DESIGN.md).
+    """Multi-task SAC settings; the defaults are mtrl's MT10 settings (docs/design.md).
 
     ``balance`` lists the losses whose per-task terms go through the combiners
     given to ``MultiTaskSAC``; the others are averaged over tasks (``ls``).
-    ``disentangled_alpha`` learns one temperature per task (mtrl's option).
+    ``disentangled_alpha`` learns one temperature per task (mtrl's option); None
+    (the default) means one per task for ``independent`` (T single-task SACs, each
+    with its own temperature) and one shared temperature for every other
+    architecture. The resolved value replaces None when the config is built.
     """
 
     arch: str = "task_encoder"
@@ -93,7 +105,7 @@ class AgentConfig:
     gamma: float = 0.99
     tau: float = 0.005
     init_temperature: float = 1.0
-    disentangled_alpha: bool = False
+    disentangled_alpha: bool | None = None
     log_std_min: float = -20.0
     log_std_max: float = 2.0
     task_embedding_dim: int = 50
@@ -101,6 +113,8 @@ class AgentConfig:
 
     def __post_init__(self) -> None:
         check_architecture(self.arch)
+        if self.disentangled_alpha is None:
+            object.__setattr__(self, "disentangled_alpha", self.arch == "independent")
         if not isinstance(self.balance, tuple):
             object.__setattr__(self, "balance", tuple(self.balance))
         _check(all(name in BALANCEABLE_LOSSES for name in self.balance)
@@ -223,6 +237,18 @@ class MultiTaskSAC:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
 
+    def task_encoding(self, task_ids: Tensor) -> Tensor | None:
+        """The critic's task encoding of ``task_ids`` [...], detached: [..., E] (or None).
+
+        What the actor, the target critic and the actor loss's critic read
+        (``arch=task_encoder``); None for every other architecture.
+        """
+        if self.critic.task_encoder is None:
+            return None
+        with torch.no_grad():
+            flat = self.critic.encode(task_ids.reshape(-1))
+        return flat.view(*task_ids.shape, -1)
+
     def _state_tensors(self) -> list[Tensor]:
         """Every tensor the update changes in place (their addresses stay fixed)."""
         tensors = [*self.actor.parameters(), *self.critic.parameters(),
@@ -244,7 +270,7 @@ class MultiTaskSAC:
         """Actions [T, A] for one observation per task (row i = task i): tanh(μ) or a sample."""
         obs = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
         task_ids = torch.arange(obs.shape[0], device=self.device)
-        mean, log_std, _ = self.actor(obs, task_ids)
+        mean, log_std, _ = self.actor(obs, task_ids, self.task_encoding(task_ids))
         if deterministic:
             return torch.tanh(mean)
         noise = torch.randn(mean.shape, generator=self.generator, device=self.device)
@@ -271,14 +297,17 @@ class MultiTaskSAC:
     ) -> tuple[Tensor, Tensor]:
         """Per-sample α_task log π(ã|s) - min_k Q_k(s, ã) [B] and the actor's representation.
 
-        ``critic_params`` are detached, so only the actor receives gradients.
+        ``critic_params`` are detached, so only the actor receives gradients; with
+        ``task_encoder`` actor and critic read ``batch["task_encoding"]`` (detached),
+        so the actor loss leaves the task encoder untouched (mtrl's semantics).
         """
+        encoding = batch.get("task_encoding")
         mean, log_std, representation = functional_call(
-            self.actor, params, (batch["obs"], batch["task_ids"])
+            self.actor, params, (batch["obs"], batch["task_ids"], encoding)
         )
         action, log_prob = tanh_gaussian_sample(mean, log_std, batch["noise"])
         q1, q2, _ = functional_call(
-            self.critic, critic_params, (batch["obs"], action, batch["task_ids"])
+            self.critic, critic_params, (batch["obs"], action, batch["task_ids"], encoding)
         )
         return batch["alpha"] * log_prob - torch.minimum(q1, q2), representation
 
@@ -297,24 +326,34 @@ class MultiTaskSAC:
 
     @torch.no_grad()
     def td_target(
-        self, reward: Tensor, next_obs: Tensor, done: Tensor, task_ids: Tensor, noise: Tensor
+        self, reward: Tensor, next_obs: Tensor, done: Tensor, task_ids: Tensor, noise: Tensor,
+        task_encoding: Tensor | None = None,
     ) -> Tensor:
-        """y = r + γ (1 - done) (min_k Q̄_k(s', a') - α_task log π(a'|s')), [T, B_t]."""
+        """y = r + γ (1 - done) (min_k Q̄_k(s', a') - α_task log π(a'|s')), [T, B_t].
+
+        ``task_encoding`` [T, B_t, E] (``task_encoder``): the online critic's encoding,
+        read by the actor and by the target critic, as in mtrl (whose target critic
+        has no task encoder of its own).
+        """
         num_tasks, per_task = reward.shape
         flat_ids = _flatten_tasks(task_ids)
         next_obs = _flatten_tasks(next_obs)
-        mean, log_std, _ = self.actor(next_obs, flat_ids)
+        encoding = None if task_encoding is None else _flatten_tasks(task_encoding)
+        mean, log_std, _ = self.actor(next_obs, flat_ids, encoding)
         next_action, next_log_prob = tanh_gaussian_sample(mean, log_std, _flatten_tasks(noise))
-        q1, q2, _ = self.critic_target(next_obs, next_action, flat_ids)
+        q1, q2, _ = self.critic_target(next_obs, next_action, flat_ids, encoding)
         alpha = self.alpha[flat_ids]  # [T * B_t]
         next_value = (torch.minimum(q1, q2) - alpha * next_log_prob).view(num_tasks, per_task)
         return reward + self.cfg.gamma * (1.0 - done) * next_value
 
     @torch.no_grad()
-    def policy_log_prob(self, obs: Tensor, task_ids: Tensor, noise: Tensor) -> Tensor:
+    def policy_log_prob(
+        self, obs: Tensor, task_ids: Tensor, noise: Tensor, task_encoding: Tensor | None = None
+    ) -> Tensor:
         """log π(ã|s) [T, B_t] of the samples ã = tanh(μ + σ ε) for obs [T, B_t, D]."""
         num_tasks, per_task = task_ids.shape
-        mean, log_std, _ = self.actor(_flatten_tasks(obs), _flatten_tasks(task_ids))
+        encoding = None if task_encoding is None else _flatten_tasks(task_encoding)
+        mean, log_std, _ = self.actor(_flatten_tasks(obs), _flatten_tasks(task_ids), encoding)
         _, log_prob = tanh_gaussian_sample(mean, log_std, _flatten_tasks(noise))
         return log_prob.view(num_tasks, per_task)
 
@@ -378,13 +417,15 @@ class MultiTaskSAC:
         alpha = self.alpha  # [T], before this update's temperature step
         critic_state = _snapshot(self.critic_combiner.state_tensors())
         actor_state = _snapshot(self.actor_combiner.state_tensors())
+        # task_encoder: the encoding before the critic's step, detached (mtrl's semantics).
+        encoding = self.task_encoding(task_ids)  # [T, B_t, E] or None
 
         # Critic.
         critic_batch = {
             "obs": obs,
             "action": action,
             "task_ids": task_ids,
-            "target_q": self.td_target(reward, next_obs, done, task_ids, next_noise),
+            "target_q": self.td_target(reward, next_obs, done, task_ids, next_noise, encoding),
         }
         critic_result = self._step(
             self.critic_engine, self.critic_optimizer, self._critic_loss_fn, critic_batch,
@@ -400,8 +441,10 @@ class MultiTaskSAC:
             "noise": noise,
             "alpha": alpha.unsqueeze(1).expand(num_tasks, per_task),
         }
+        if encoding is not None:
+            actor_batch["task_encoding"] = encoding
         # log π of the samples the actor loss uses, before the actor's step: for the temperature.
-        log_prob = self.policy_log_prob(obs, task_ids, noise)  # [T, B_t]
+        log_prob = self.policy_log_prob(obs, task_ids, noise, encoding)  # [T, B_t]
         actor_result = self._step(
             self.actor_engine, self.actor_optimizer, self._actor_loss_fn, actor_batch,
             self.actor_combiner, actor_random, apply=critic_ok,

@@ -31,6 +31,12 @@ def make_nets(arch: str, seed: int = 0) -> tuple[Actor, TwinCritic]:
     return actor, critic
 
 
+def encoding_of(critic: TwinCritic, task_ids: Tensor) -> Tensor | None:
+    """What the agent feeds the actor: the critic's task encoding, detached (or None)."""
+    encoding = critic.encode(task_ids)
+    return None if encoding is None else encoding.detach()
+
+
 def grouped_inputs(seed: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """obs [T, B_t, D], action [T, B_t, A], task_ids [T, B_t] (row i is task i)."""
     generator = torch.Generator().manual_seed(seed)
@@ -49,7 +55,9 @@ def test_full_batch_and_vmapped_task_slices_give_the_same_outputs(arch: str) -> 
     actor, critic = make_nets(arch)
     obs, action, task_ids = grouped_inputs()
 
-    mean, log_std, actor_z = actor(flat(obs), flat(task_ids))
+    encoding = encoding_of(critic, task_ids)  # [T, B_t, E] or None
+    flat_encoding = None if encoding is None else flat(encoding)
+    mean, log_std, actor_z = actor(flat(obs), flat(task_ids), flat_encoding)
     q1, q2, critic_z = critic(flat(obs), flat(action), flat(task_ids))
     assert mean.shape == log_std.shape == (TASKS * PER_TASK, ACTIONS)
     assert actor_z.shape == (TASKS * PER_TASK, HIDDEN)
@@ -59,7 +67,10 @@ def test_full_batch_and_vmapped_task_slices_give_the_same_outputs(arch: str) -> 
     # The engine's path: functional_call under vmap over the task axis, params unbatched.
     actor_params = dict(actor.named_parameters())
     critic_params = dict(critic.named_parameters())
-    sliced_actor = vmap(lambda o, t: functional_call(actor, actor_params, (o, t)))(obs, task_ids)
+    sliced_actor = vmap(
+        lambda o, t, e: functional_call(actor, actor_params, (o, t, e)),
+        in_dims=(0, 0, None if encoding is None else 0),
+    )(obs, task_ids, encoding)
     sliced_critic = vmap(lambda o, a, t: functional_call(critic, critic_params, (o, a, t)))(
         obs, action, task_ids
     )
@@ -69,19 +80,39 @@ def test_full_batch_and_vmapped_task_slices_give_the_same_outputs(arch: str) -> 
         torch.testing.assert_close(sliced, full.view(TASKS, PER_TASK, *full.shape[1:]))
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_every_architecture_conditions_on_the_task(arch: str) -> None:
+@pytest.mark.parametrize("arch", [arch for arch in ARCHITECTURES if arch != "obs_only"])
+def test_every_architecture_but_obs_only_conditions_on_the_task(arch: str) -> None:
     actor, critic = make_nets(arch)
     obs = torch.randn(1, OBS).expand(TASKS, OBS)  # the same observation for every task
-    mean, _, _ = actor(obs, torch.arange(TASKS))
-    q1, _, _ = critic(obs, torch.zeros(TASKS, ACTIONS), torch.arange(TASKS))
+    task_ids = torch.arange(TASKS)
+    mean, _, _ = actor(obs, task_ids, encoding_of(critic, task_ids))
+    q1, _, _ = critic(obs, torch.zeros(TASKS, ACTIONS), task_ids)
     assert not torch.allclose(mean[0], mean[1])
     assert not torch.allclose(q1[0], q1[1])
+
+
+def test_obs_only_networks_read_the_observation_only() -> None:
+    actor, critic = make_nets("obs_only")
+    obs = torch.randn(1, OBS).expand(TASKS, OBS)
+    mean, _, _ = actor(obs, torch.arange(TASKS))
+    q1, _, _ = critic(obs, torch.zeros(TASKS, ACTIONS), torch.arange(TASKS))
+    torch.testing.assert_close(mean, mean[:1].expand_as(mean))
+    torch.testing.assert_close(q1, q1[:1].expand_as(q1))
+    assert actor.mlp.hidden[0].weight.shape[1] == OBS  # no task input
+
+
+def test_task_encoder_actor_needs_the_encoding_and_owns_no_encoder() -> None:
+    actor, critic = make_nets("task_encoder")
+    assert not any("encoder" in name for name, _ in actor.named_parameters())
+    assert critic.task_encoder is not None
+    with pytest.raises(ValueError, match="task encoding"):
+        actor(torch.randn(TASKS, OBS), torch.arange(TASKS))
 
 
 def test_task_specific_parameters_per_architecture() -> None:
     expected_specific = {
         "mtsac": set(),
+        "obs_only": set(),
         "task_encoder": set(),
         "multihead": {"mlp.output.weight", "mlp.output.bias"},
         "independent": None,  # all of them
@@ -97,9 +128,15 @@ def test_task_specific_parameters_per_architecture() -> None:
             assert critic_specific == set(critic_names)
         else:
             head = {name.removeprefix("mlp.") for name in expected}
-            assert critic_specific == {f"{q}.{n}" for q in ("q1", "q2") for n in head}
-    actor, _ = make_nets("task_encoder")
-    assert any(name.startswith("conditioning.encoder.") for name, _ in actor.named_parameters())
+            embedding = {"task_encoder.embedding.weight"} if arch == "task_encoder" else set()
+            assert critic_specific == {f"{q}.{n}" for q in ("q1", "q2") for n in head} | embedding
+    # The encoder's MLP is shared by all tasks; only its embedding rows are per task.
+    _, critic = make_nets("task_encoder")
+    encoder_names = {name for name, _ in critic.named_parameters() if name.startswith("task_")}
+    assert {n for n in encoder_names if not critic.is_task_specific(n)} == encoder_names - {
+        "task_encoder.embedding.weight"
+    }
+    assert len(encoder_names) > 1
 
 
 def per_task_critic_losses(critic: TwinCritic) -> Tensor:

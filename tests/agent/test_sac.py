@@ -143,7 +143,8 @@ def test_engine_per_task_gradients_are_each_tasks_own_loss_gradient(arch: str) -
     batch = make_batch(per_task=4)
     next_noise, _ = peek_noise(agent, per_task=4)
     task_ids = torch.arange(TASKS)[:, None].expand(TASKS, 4)
-    target = agent.td_target(batch.reward, batch.next_obs, batch.done, task_ids, next_noise)
+    target = agent.td_target(batch.reward, batch.next_obs, batch.done, task_ids, next_noise,
+                             agent.task_encoding(task_ids))
     critic = copy.deepcopy(agent.critic)
     shared = [(n, p) for n, p in critic.named_parameters() if not critic.is_task_specific(n)]
     rows, losses = [], []
@@ -272,7 +273,7 @@ def test_act_returns_the_mean_action_or_a_sample_per_task() -> None:
     agent = make_agent(tasks=3)
     obs = torch.randn(3, OBS)
     deterministic = agent.act(obs, deterministic=True)
-    mean, _, _ = agent.actor(obs, torch.arange(3))
+    mean, _, _ = agent.actor(obs, torch.arange(3), agent.task_encoding(torch.arange(3)))
     assert deterministic.shape == (3, ACTIONS)
     torch.testing.assert_close(deterministic, torch.tanh(mean).detach())
     first, second = agent.act(obs, deterministic=False), agent.act(obs, deterministic=False)
@@ -281,7 +282,8 @@ def test_act_returns_the_mean_action_or_a_sample_per_task() -> None:
 
 
 def test_invalid_settings_fail_with_the_key_and_the_allowed_values() -> None:
-    with pytest.raises(ValueError, match="arch.*mtsac, task_encoder, multihead, independent"):
+    with pytest.raises(ValueError,
+                       match="arch.*mtsac, obs_only, task_encoder, multihead, independent"):
         AgentConfig(arch="transformer")
     with pytest.raises(ValueError, match="balance"):
         AgentConfig(balance=("critic", "alpha"))
@@ -293,3 +295,72 @@ def test_invalid_settings_fail_with_the_key_and_the_allowed_values() -> None:
         MultiTaskSAC(OBS, ACTIONS, 3, AgentConfig(**TINY), make_combiner("ls", 4),
                      make_combiner("ls", 3), "cpu")
     assert math.isclose(AgentConfig().init_temperature, 1.0)
+
+
+# -- the task encoder with mtrl's semantics ------------------------------------------------------
+
+EMBEDDING = "task_encoder.embedding.weight"
+
+
+def encoder_params(agent: MultiTaskSAC) -> dict[str, Tensor]:
+    return {n: p for n, p in agent.critic.named_parameters() if n.startswith("task_encoder.")}
+
+
+def actor_batch(agent: MultiTaskSAC, batch: Batch) -> dict[str, Tensor]:
+    task_ids = torch.arange(TASKS)[:, None].expand(TASKS, PER_TASK)
+    flat = lambda t: t.reshape(TASKS * PER_TASK, *t.shape[2:])  # noqa: E731
+    return {"obs": flat(batch.obs), "task_ids": flat(task_ids),
+            "noise": torch.randn(TASKS * PER_TASK, ACTIONS),
+            "alpha": torch.ones(TASKS * PER_TASK),
+            "task_encoding": flat(agent.task_encoding(task_ids))}
+
+
+def test_the_actor_loss_leaves_the_task_encoders_gradient_at_zero() -> None:
+    agent = make_agent(arch="task_encoder")
+    assert not any("encoder" in name for name, _ in agent.actor.named_parameters())
+    # Even with the critic's parameters NOT detached, the actor loss cannot reach the
+    # encoder: actor and critic read the detached encoding.
+    critic_params = dict(agent.critic.named_parameters())
+    losses, _ = agent.actor_loss(critic_params, dict(agent.actor.named_parameters()),
+                                 actor_batch(agent, make_batch()))
+    names = list(encoder_params(agent))
+    grads = torch.autograd.grad(losses.mean(), [critic_params[n] for n in names],
+                                allow_unused=True)
+    assert all(grad is None or torch.all(grad == 0) for grad in grads)
+    # ... while the critic's own weights do get a gradient from it (the graph is live).
+    (head_grad,) = torch.autograd.grad(losses.mean(), [critic_params["q1.output.weight"]])
+    assert head_grad.abs().sum() > 0
+
+
+def test_the_critic_loss_trains_the_task_encoder() -> None:
+    agent = make_agent(arch="task_encoder")
+    before = {n: p.detach().clone() for n, p in encoder_params(agent).items()}
+    agent.update(make_batch())
+    for name, param in encoder_params(agent).items():
+        assert not torch.equal(param, before[name]), name  # every part of the encoder moved
+    # Only the critic's optimiser holds the encoder; the actor's holds none of it.
+    actor_ids = {id(p) for p in agent.actor.parameters()}
+    assert not any(id(p) in actor_ids for p in encoder_params(agent).values())
+
+
+def test_the_engine_keeps_the_task_embedding_out_of_the_gramian() -> None:
+    agent = make_agent("ntkmtl", arch="task_encoder")
+    engine = agent.critic_engine
+    assert EMBEDDING in engine.specific_names and EMBEDDING not in engine.shared_names
+    shared = [n for n, _ in agent.critic.named_parameters() if n != EMBEDDING]
+    assert engine.shared_names == shared
+    assert engine.shared_dim == sum(dict(agent.critic.named_parameters())[n].numel()
+                                    for n in shared)
+    # The encoder's MLP is shared: it is in the Jacobian the Gramian is formed from.
+    assert any(n.startswith("task_encoder.") for n in engine.shared_names)
+    # The embedding still gets each task's own gradient (row i from task i only).
+    before = agent.critic.task_encoder.embedding.weight.detach().clone()
+    agent.update(make_batch())
+    assert torch.all((agent.critic.task_encoder.embedding.weight != before).any(dim=1))
+
+
+def test_independent_learns_one_temperature_per_task_unless_told_otherwise() -> None:
+    assert AgentConfig(arch="independent").disentangled_alpha is True
+    assert AgentConfig(arch="independent", disentangled_alpha=False).disentangled_alpha is False
+    assert AgentConfig(arch="mtsac").disentangled_alpha is False
+    assert make_agent(arch="independent").log_alpha.shape == (TASKS,)

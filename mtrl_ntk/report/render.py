@@ -1,0 +1,231 @@
+"""Rendering: the report's tables as strings, then Markdown, CSV and one HTML page.
+
+``build_tables`` formats every number once; ``render_markdown`` and ``render_html``
+lay the same tables out (the HTML page from the Jinja2 template
+``templates/report.html.j2``, autoescaped, images inline as base64 data URIs), and
+``write_csv`` writes full precision. Every header that shows a final success names
+its definition (``FinalSuccess.label``), and the note under the table spells it out.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mtrl_ntk.report.runs import Skipped
+from mtrl_ntk.report.statistics import PUBLISHED_NOTE, FinalSuccess, MethodSummary
+
+CAPTIONS = {
+    "curves.png": "Learning curves",
+    "tasks.png": "Per-task final success",
+    "ntk.png": "NTK eigenvalues and combiner weights",
+}
+NO_RUNS = "No run with an evaluation yet."
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+def _format_success(mean: float, stderr: float | None) -> str:
+    return f"{mean:.3f} ± {'n/a' if stderr is None else f'{stderr:.3f}'}"
+
+
+def _format_published(summary: MethodSummary) -> str:
+    if summary.published is None:
+        return "—"
+    row, mean, stderr = summary.published
+    return f"{mean:.2f} ± {stderr:.2f} ({row})"
+
+
+def _format_seeds(summary: MethodSummary) -> str:
+    text = str(summary.num_seeds)
+    if summary.num_incomplete:
+        text += f" ({summary.num_incomplete} incomplete)"
+    return text
+
+
+def stderr_note(final: FinalSuccess) -> str:
+    """The note under the main table: what the final success is and how stderr is computed."""
+    used = "its last evaluation is used" if final.kind == "last" else "its evaluations so far count"
+    return (
+        f"{final.sentence} "
+        "stderr = sample standard deviation over seeds (ddof = 1) / sqrt(n); "
+        "'n/a' for a single seed. Rank 1 = highest mean. "
+        f"* = at least one run has not finished ({used})."
+    )
+
+
+# Kept for callers of the old module: the note of the default definition.
+STDERR_NOTE = stderr_note(FinalSuccess())
+
+
+@dataclass
+class Tables:
+    """The report's tables as header + rows of strings, shared by Markdown and HTML."""
+
+    main: tuple[list[str], list[list[str]]]
+    per_task: tuple[list[str], list[list[str]]]
+    runs: tuple[list[str], list[list[str]]]
+    final: FinalSuccess = FinalSuccess()
+
+    @property
+    def note(self) -> str:
+        return stderr_note(self.final)
+
+
+def build_tables(
+    summaries: list[MethodSummary], tasks: list[str], runs_dir: Path,
+    final: FinalSuccess | None = None,
+) -> Tables:
+    final = final or (summaries[0].final if summaries else FinalSuccess())
+    main_header = [
+        "Rank", "Method (combiner / arch)", "Seeds",
+        f"Final success: {final.label} (mean ± stderr)", "Published Table 4 (Meta-World v1)",
+    ]
+    main_rows = [
+        [str(s.rank), s.method, _format_seeds(s),
+         _format_success(s.mean, s.stderr) + (" *" if s.num_incomplete else ""),
+         _format_published(s)]
+        for s in summaries
+    ]
+    task_header = ["Method", *tasks]
+    task_rows = [
+        [s.method, *(f"{s.task_means[t]:.2f}" if t in s.task_means else "—" for t in tasks)]
+        for s in summaries
+    ]
+    run_header = [
+        "Run", "Method", "Seed", "Status", "Evaluations", f"Final success ({final.label})",
+    ]
+    run_rows = [
+        [_relative(run.path, runs_dir), s.method, "?" if run.seed is None else str(run.seed),
+         run.status, str(len(run.evaluations)), f"{final.success(run):.3f}"]
+        for s in summaries for run in s.runs
+    ]
+    return Tables((main_header, main_rows), (task_header, task_rows), (run_header, run_rows),
+                  final)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        relative = path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return str(path)
+    return str(relative) if str(relative) != "." else "."
+
+
+def write_csv(summaries: list[MethodSummary], tasks: list[str]) -> str:
+    """summary.csv: full precision; stderr empty for one seed; ``final`` names the definition."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([
+        "rank", "method", "combiner", "arch", "variant", "num_seeds", "num_incomplete", "seeds",
+        "final", "success_mean", "success_stderr", "published_row", "published_mean",
+        "published_stderr", *(f"success/{task}" for task in tasks),
+    ])
+    for s in summaries:
+        published = s.published or ("", "", "")
+        writer.writerow([
+            s.rank, s.method, s.combiner, s.arch, s.variant or "", s.num_seeds, s.num_incomplete,
+            " ".join("?" if seed is None else str(seed) for seed in s.seeds), s.final.label,
+            repr(s.mean), "" if s.stderr is None else repr(s.stderr), *published,
+            *(repr(s.task_means[t]) if t in s.task_means else "" for t in tasks),
+        ])
+    return buffer.getvalue()
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    return "\n".join([line(header), line(["---"] * len(header)), *map(line, rows)])
+
+
+def skipped_lines(skipped: list[Skipped], runs_dir: Path) -> list[str]:
+    return [f"{_relative(item.path, runs_dir)}: {item.reason}" for item in skipped]
+
+
+def render_markdown(
+    tables: Tables, skipped: list[Skipped], notes: list[str], images: list[str], runs_dir: Path,
+    title: str,
+) -> str:
+    parts = [
+        f"# {title}",
+        f"Runs under `{runs_dir}`; generated {time.strftime('%Y-%m-%d %H:%M:%S')}.",
+    ]
+    if tables.main[1]:
+        parts += [
+            f"## Final success per method ({tables.final.label})",
+            _markdown_table(*tables.main),
+            tables.note,
+            PUBLISHED_NOTE,
+            f"## Final success per task ({tables.final.label}; mean over seeds)",
+            _markdown_table(*tables.per_task),
+            *(f"![{CAPTIONS[name]}]({name})" for name in images),
+            "## Runs",
+            _markdown_table(*tables.runs),
+        ]
+    else:
+        parts.append(NO_RUNS)
+    if notes:
+        parts += ["## Notes", "\n".join(f"- {note}" for note in notes)]
+    parts += ["## Skipped", "\n".join(f"- `{line}`" for line in skipped_lines(skipped, runs_dir))
+              if skipped else "Nothing skipped."]
+    return "\n\n".join(parts) + "\n"
+
+
+def _html_environment():
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=True,  # every value is escaped; nothing is marked safe
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def _html_cells(
+    table: tuple[list[str], list[list[str]]], numeric_from: int
+) -> dict[str, list]:
+    """(classes, text) per cell: columns from ``numeric_from`` on are right-aligned (``num``),
+    an unfinished run's status is highlighted (``incomplete``)."""
+
+    def cell(index: int, text: str) -> tuple[str, str]:
+        classes = ["num"] if index >= numeric_from else []
+        if text.startswith("incomplete"):
+            classes.append("incomplete")
+        return " ".join(classes), text
+
+    header, rows = table
+    return {
+        "header": [cell(index, text) for index, text in enumerate(header)],
+        "rows": [[cell(index, text) for index, text in enumerate(row)] for row in rows],
+    }
+
+
+def render_html(
+    tables: Tables, skipped: list[Skipped], notes: list[str], images: dict[str, bytes],
+    runs_dir: Path, title: str,
+) -> str:
+    """One self-contained page: tables inline, images as base64 data URIs."""
+    figures = [
+        (CAPTIONS[name], base64.b64encode(data).decode("ascii")) for name, data in images.items()
+    ]
+    return _html_environment().get_template("report.html.j2").render(
+        title=title,
+        runs_dir=str(runs_dir),
+        generated=time.strftime("%Y-%m-%d %H:%M:%S"),
+        tables=tables,
+        main=_html_cells(tables.main, numeric_from=3),
+        per_task=_html_cells(tables.per_task, numeric_from=1),
+        runs=_html_cells(tables.runs, numeric_from=4),
+        published_note=PUBLISHED_NOTE,
+        figures=figures,
+        notes=notes,
+        skipped=skipped_lines(skipped, runs_dir),
+        no_runs=NO_RUNS,
+    )
