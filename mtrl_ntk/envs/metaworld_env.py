@@ -49,6 +49,7 @@ Meta-World behaviour this module relies on (metaworld 3.1.1, gymnasium 1.4):
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, TypeVar
@@ -56,6 +57,7 @@ from typing import Any, Literal, TypeVar
 import gymnasium as gym
 import metaworld
 import metaworld.env_dict as metaworld_env_dict
+
 import numpy as np
 
 from mtrl_ntk.envs.episodes import EpisodeTracker, RewardNormalizer, StepResult
@@ -77,6 +79,8 @@ BACKENDS = ("metaworld", "envpool")
 
 # Evaluation environments draw their goal order from a stream separate from training's.
 _EVALUATION_SEED_STREAM = 1
+# How long a dead worker's exit status may take to appear after its pipe closed.
+_WORKER_EXIT_WAIT_SECONDS = 2.0
 
 
 def _check_choice(key: str, value: Any, allowed: list[str]) -> None:
@@ -503,11 +507,21 @@ class MultiTaskEnv(MultiTaskEnvBase):
 
     def _dead_workers_message(self, action: str) -> str:
         processes = getattr(self._vector_env, "processes", [])
-        dead = [
-            f"{task} (pid {process.pid}, exit code {process.exitcode})"
-            for task, process in zip(self.task_names, processes, strict=False)
-            if process.exitcode is not None
-        ]
+
+        def dead_workers() -> list[str]:
+            return [
+                f"{task} (pid {process.pid}, exit code {process.exitcode})"
+                for task, process in zip(self.task_names, processes, strict=False)
+                if process.exitcode is not None
+            ]
+
+        # A dying process closes its pipes before the kernel lets its parent reap it:
+        # give the exit status a moment to appear (a loaded machine makes the gap longer).
+        deadline = time.monotonic() + _WORKER_EXIT_WAIT_SECONDS
+        dead = dead_workers()
+        while not dead and processes and time.monotonic() < deadline:
+            time.sleep(0.01)
+            dead = dead_workers()
         return (
             f"environment worker process(es) died during {action}: "
             f"{', '.join(dead) or 'unknown (a pipe to a worker closed)'}"
