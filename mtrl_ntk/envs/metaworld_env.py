@@ -57,7 +57,6 @@ from typing import Any, Literal, TypeVar
 import gymnasium as gym
 import metaworld
 import metaworld.env_dict as metaworld_env_dict
-
 import numpy as np
 
 from mtrl_ntk.envs.episodes import EpisodeTracker, RewardNormalizer, StepResult
