@@ -51,15 +51,14 @@ from typing import Any
 
 import numpy as np
 
+from mtrl_ntk.envs.episodes import StepResult
 from mtrl_ntk.envs.metaworld_env import (
-    _EVALUATION_SEED_STREAM,
-    _REWARD_STD_EPS,
-    BENCHMARK_TASKS,
     EnvWorkerError,
-    StepResult,
-    _check_choice,
+    MultiTaskEnvBase,
+    VectorStrategy,
+    _evaluation_seed,
 )
-from mtrl_ntk.envs.protocols import METAWORLD_MAX_PATH_LENGTH, Protocol
+from mtrl_ntk.envs.protocols import Protocol
 
 ENVPOOL_VERSION = "1.2.5"
 """The EnvPool release whose Meta-World this module was checked against (pinned in the locks)."""
@@ -106,7 +105,7 @@ def _task_id(task_name: str) -> str:
     return metaworld_task_id(task_name)
 
 
-class EnvPoolMultiTaskEnv:
+class EnvPoolMultiTaskEnv(MultiTaskEnvBase):
     """T Meta-World v3 tasks on EnvPool, one one-env pool per task; see the module docstring.
 
     Same constructor and methods as `MultiTaskEnv` (`vector_strategy` is accepted and
@@ -115,39 +114,15 @@ class EnvPoolMultiTaskEnv:
 
     backend = "envpool"
 
-    def __init__(
-        self,
-        benchmark: str,
-        protocol: Protocol,
-        seed: int,
-        vector_strategy: str = "async",
-        max_episode_steps: int | None = None,
-        *,
-        for_evaluation: bool = False,
-    ) -> None:
-        _check_choice("benchmark", benchmark, list(BENCHMARK_TASKS))
-        _check_choice("vector_strategy", vector_strategy, ["async", "sync"])
+    def _check_backend_serves(self, protocol: Protocol) -> None:
         unavailable = envpool_unavailable_reason()
         if unavailable is not None:
             raise RuntimeError(f"env.backend=envpool: {unavailable}")
         reason = protocol_unsupported_reason(protocol)
         if reason is not None:
             raise ValueError(f"env.backend=envpool cannot serve protocol={protocol.name}: {reason}")
-        horizon = protocol.max_episode_steps if max_episode_steps is None else max_episode_steps
-        if isinstance(horizon, bool) or not isinstance(horizon, int) or not (
-            1 <= horizon <= METAWORLD_MAX_PATH_LENGTH
-        ):
-            raise ValueError(
-                f"max_episode_steps={horizon!r}; allowed: an integer from 1 to "
-                f"{METAWORLD_MAX_PATH_LENGTH} (Meta-World's path limit)"
-            )
-        self.benchmark = benchmark
-        self.protocol = protocol
-        self.seed = seed
-        self.max_episode_steps = horizon
-        self.for_evaluation = for_evaluation
-        self.task_names: list[str] = list(BENCHMARK_TASKS[benchmark])
-        self.num_tasks = len(self.task_names)
+
+    def _open(self, vector_strategy: VectorStrategy) -> None:
         self.obs_dim = _OBS_DIM
         self.action_dim = _ACTION_DIM
         self.action_low = -np.ones(_ACTION_DIM, dtype=np.float32)
@@ -155,11 +130,7 @@ class EnvPoolMultiTaskEnv:
         self._task_ids = [_task_id(name) for name in self.task_names]
         self._base_path: str | None = None  # None: EnvPool's installed assets
 
-        order_seed = seed
-        if for_evaluation:
-            order_seed = int(
-                np.random.SeedSequence([seed, _EVALUATION_SEED_STREAM]).generate_state(1)[0]
-            )
+        order_seed = _evaluation_seed(self.seed) if self.for_evaluation else self.seed
         self._order_rngs = [
             np.random.default_rng(np.random.SeedSequence([order_seed, _ORDER_STREAM, task]))
             for task in range(self.num_tasks)
@@ -182,14 +153,7 @@ class EnvPoolMultiTaskEnv:
         self._action_buffers: list[list[np.ndarray]] = [[] for _ in range(self.num_tasks)]
         self._state_index: dict[str, int] = {}
         self._closed = False
-        self._reward_mean = np.zeros(self.num_tasks, dtype=np.float64)
-        self._reward_var = np.ones(self.num_tasks, dtype=np.float64)
-        self._running_return = np.zeros(self.num_tasks, dtype=np.float64)
-        self._running_success = np.zeros(self.num_tasks, dtype=bool)
-        self._steps = np.zeros(self.num_tasks, dtype=np.int64)
-        self._needs_reset = True
-        self._pending_actions: np.ndarray | None = None
-        self._episode_steps: int | None = None
+        self._steps = np.zeros(self.num_tasks, dtype=np.int64)  # [T] steps of each episode
         self._steps_in_workers = True  # as MultiTaskEnv's async strategy (trainer overlap)
 
     # -- goals -----------------------------------------------------------------------------
@@ -302,13 +266,9 @@ class EnvPoolMultiTaskEnv:
             f"EnvPool pool of task {self.task_names[task]} failed during {action}: {detail}"
         )
 
-    # -- the MultiTaskEnv interface ----------------------------------------------------------
+    # -- MultiTaskEnvBase's backend hooks ---------------------------------------------------
 
-    def reset(self) -> np.ndarray:
-        """Start a new episode of every task; returns obs [T, D] float32."""
-        self._ensure_open()
-        if self._pending_actions is not None:
-            raise RuntimeError("MultiTaskEnv.reset called between step_async() and step_wait()")
+    def _reset_tasks(self) -> np.ndarray:
         for task in range(self.num_tasks):
             self._unprepare(task)
         if self.for_evaluation:  # restart every goal cycle, as MultiTaskEnv does
@@ -316,30 +276,10 @@ class EnvPoolMultiTaskEnv:
             self._cycle_positions = [0] * self.num_tasks
         obs = np.stack([self._start_episode(task, "reset") for task in range(self.num_tasks)])
         self._steps[:] = 0
-        self._running_return[:] = 0.0
-        self._running_success[:] = False
-        self._needs_reset = False
-        self._episode_steps = 0
-        return obs.astype(np.float32)
+        return obs
 
-    def step(self, actions: np.ndarray) -> StepResult:
-        """Step every task with its action (actions [T, A]); see `StepResult`."""
-        self.step_async(actions)
-        return self.step_wait()
-
-    def step_async(self, actions: np.ndarray) -> None:
+    def _send_actions(self, actions: np.ndarray) -> None:
         """Send every task's action to its pool and return; `step_wait` collects."""
-        self._ensure_open()
-        if self._needs_reset:
-            raise RuntimeError("MultiTaskEnv.step called before reset()")
-        if self._pending_actions is not None:
-            raise RuntimeError("MultiTaskEnv.step_async called again before step_wait()")
-        actions = np.asarray(actions, dtype=np.float32)
-        if actions.shape != (self.num_tasks, self.action_dim):
-            raise ValueError(
-                f"actions have shape {actions.shape}; expected (T, A) = "
-                f"({self.num_tasks}, {self.action_dim})"
-            )
         for task, pool in enumerate(self._pools):
             buffer = self._action_buffers[task]
             buffer[-1] = np.ascontiguousarray(actions[task : task + 1])
@@ -347,14 +287,8 @@ class EnvPoolMultiTaskEnv:
                 pool._send(buffer)
             except RuntimeError as error:
                 raise EnvWorkerError(self._failure_message(task, "step", error)) from error
-        self._pending_actions = actions
 
-    def step_wait(self) -> StepResult:
-        """The transitions of the step that `step_async` started; see `StepResult`."""
-        self._ensure_open()
-        if self._pending_actions is None:
-            raise RuntimeError("MultiTaskEnv.step_wait called without step_async()")
-        self._pending_actions = None
+    def _collect_step(self, actions: np.ndarray) -> StepResult:
         index = self._state_index
         obs = np.empty((self.num_tasks, self.obs_dim), dtype=np.float64)
         raw_reward = np.empty(self.num_tasks, dtype=np.float64)
@@ -371,118 +305,34 @@ class EnvPoolMultiTaskEnv:
         truncated = self._steps >= self.max_episode_steps
         terminated = success if self.for_evaluation else np.zeros(self.num_tasks, dtype=bool)
         episode_end = terminated | truncated
-        if self._episode_steps is not None:
-            if episode_end.all():
-                self._episode_steps = 0
-            elif episode_end.any():
-                self._episode_steps = None  # out of step until the next reset()
-            else:
-                self._episode_steps += 1
+        self._episodes.count_step(episode_end)
 
         next_obs = obs.copy()
         for task in np.flatnonzero(episode_end):
             obs[task] = self._start_episode(int(task), "step")
             self._steps[task] = 0
-
-        self._running_return += raw_reward
-        self._running_success |= success
-        episode_return = np.where(episode_end, self._running_return, np.nan)
-        episode_success = episode_end & self._running_success
-        self._running_return[episode_end] = 0.0
-        self._running_success[episode_end] = False
-
-        return StepResult(
-            obs=obs.astype(np.float32),
-            next_obs=next_obs.astype(np.float32),
-            reward=self._normalize(raw_reward).astype(np.float32),
-            raw_reward=raw_reward.astype(np.float32),
-            terminated=terminated,
-            truncated=truncated & ~terminated,
-            success=success,
-            episode_end=episode_end,
-            episode_return=episode_return,
-            episode_success=episode_success,
+        return self._step_result(
+            obs, next_obs, raw_reward, terminated, truncated, success, episode_end
         )
 
-    def _normalize(self, raw_reward: np.ndarray) -> np.ndarray:
-        """Running exponential std normalisation (garage's NormalizedEnv), per task."""
-        if not self.protocol.normalize_reward:
-            return raw_reward
-        alpha = self.protocol.reward_norm_alpha
-        self._reward_mean = (1.0 - alpha) * self._reward_mean + alpha * raw_reward
-        self._reward_var = (1.0 - alpha) * self._reward_var + alpha * np.square(
-            raw_reward - self._reward_mean
-        )
-        return raw_reward / (np.sqrt(self._reward_var) + _REWARD_STD_EPS)
+    def _task_samplers(self) -> list[Any]:
+        return self._samplers()
 
-    @property
-    def reward_std(self) -> np.ndarray:
-        return np.sqrt(self._reward_var)
+    def _episode_start_task_samplers(self) -> list[Any]:
+        return list(self._episode_samplers)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Reward-normaliser statistics and each task's goal-order RNG (plain Python values)."""
-        self._ensure_open()
-        return {
-            "backend": self.backend,
-            "reward_mean": self._reward_mean.tolist(),
-            "reward_var": self._reward_var.tolist(),
-            "task_samplers": self._samplers(),
-        }
-
-    @property
-    def at_episode_start(self) -> bool:
-        return (
-            not self.for_evaluation
-            and not self._needs_reset
-            and self._pending_actions is None
-            and self._episode_steps == 0
-        )
-
-    def episode_start_state_dict(self) -> dict[str, Any]:
-        """A state from which `load_state_dict` + `reset()` continues this env exactly."""
-        self._ensure_open()
-        if not self.at_episode_start:
-            raise RuntimeError(
-                "episode_start_state_dict() needs every episode to have just started "
-                "(right after reset(), or after the step that ended all episodes)"
-            )
-        return {
-            "backend": self.backend,
-            "reward_mean": self._reward_mean.tolist(),
-            "reward_var": self._reward_var.tolist(),
-            "task_samplers": list(self._episode_samplers),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._ensure_open()
-        backend = state.get("backend", "metaworld")
-        if backend != self.backend:
-            raise ValueError(
-                f"environment state was saved by env.backend={backend}; this env is "
-                f"env.backend={self.backend} (their goals differ; resume with the same backend)"
-            )
-        for key in ("reward_mean", "reward_var"):
-            value = np.asarray(state[key], dtype=np.float64)
-            if value.shape != (self.num_tasks,):
-                raise ValueError(
-                    f"state[{key!r}] has shape {value.shape}; expected ({self.num_tasks},)"
-                )
-        samplers = list(state["task_samplers"])
+    def _checked_task_samplers(self, state: dict[str, Any]) -> list[Any]:
+        samplers = super()._checked_task_samplers(state)
         if len(samplers) != self.num_tasks:
             raise ValueError(
                 f"state['task_samplers'] has {len(samplers)} entries; expected {self.num_tasks}"
             )
-        self._reward_mean = np.array(state["reward_mean"], dtype=np.float64)
-        self._reward_var = np.array(state["reward_var"], dtype=np.float64)
+        return samplers
+
+    def _load_task_samplers(self, samplers: list[Any]) -> None:
         for task, sampler in enumerate(samplers):
             self._unprepare(task)
             self._set_sampler(task, sampler)
-        self._needs_reset = True
-        self._episode_steps = None
-
-    def _ensure_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("MultiTaskEnv is closed")
 
     def close(self) -> None:
         """Free every pool (its C++ thread and simulator). Idempotent."""
@@ -500,9 +350,3 @@ class EnvPoolMultiTaskEnv:
                 pool.close()
             self._pools[task] = None
         self._pending_actions = None
-
-    def __enter__(self) -> EnvPoolMultiTaskEnv:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()

@@ -48,17 +48,18 @@ Meta-World behaviour this module relies on (metaworld 3.1.1, gymnasium 1.4):
 
 from __future__ import annotations
 
-import dataclasses
 import signal
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import gymnasium as gym
 import metaworld
 import metaworld.env_dict as metaworld_env_dict
 import numpy as np
 
+from mtrl_ntk.envs.episodes import EpisodeTracker, RewardNormalizer, StepResult
 from mtrl_ntk.envs.protocols import METAWORLD_MAX_PATH_LENGTH, Protocol
 
 BENCHMARK_TASKS: dict[str, list[str]] = {
@@ -75,32 +76,10 @@ BACKENDS = ("metaworld", "envpool")
 """`env.backend`: Meta-World's Python environments, or EnvPool's C++ ports of them
 (`mtrl_ntk.envs.envpool_env`; it serves only the protocols it can reproduce)."""
 
-# Standard deviation floor of the reward normaliser (as in garage / Meta-World).
-_REWARD_STD_EPS = 1e-8
-
 # Evaluation environments draw their goal order from a stream separate from training's.
 _EVALUATION_SEED_STREAM = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class StepResult:
-    """One transition per task, from `MultiTaskEnv.step`. Arrays have leading dim T.
-
-    `next_obs` is what the replay buffer stores; `obs` is what the policy sees next.
-    They differ only where `episode_end`: there `next_obs` is the episode's true
-    final observation and `obs` the first observation of the next episode.
-    """
-
-    obs: np.ndarray  # [T, D] float32, already reset where episode_end
-    next_obs: np.ndarray  # [T, D] float32, true next observation (final one at an end)
-    reward: np.ndarray  # [T] float32, normalised per the protocol
-    raw_reward: np.ndarray  # [T] float32, Meta-World's reward
-    terminated: np.ndarray  # [T] bool, a terminal state (never during training)
-    truncated: np.ndarray  # [T] bool, the time limit ended the episode (not terminal)
-    success: np.ndarray  # [T] bool, info["success"] > 0 at this step
-    episode_end: np.ndarray  # [T] bool, terminated | truncated
-    episode_return: np.ndarray  # [T] float64, raw return of the ended episode, NaN elsewhere
-    episode_success: np.ndarray  # [T] bool, ended episode succeeded at any step, False elsewhere
+# How long a dead worker's exit status may take to appear after its pipe closed.
+_WORKER_EXIT_WAIT_SECONDS = 2.0
 
 
 def _check_choice(key: str, value: Any, allowed: list[str]) -> None:
@@ -131,7 +110,258 @@ def _evaluation_seed(seed: int) -> int:
     return int(np.random.SeedSequence([seed, _EVALUATION_SEED_STREAM]).generate_state(1)[0])
 
 
-class MultiTaskEnv:
+_DEFAULT_BACKEND = "metaworld"
+"""The backend of an env state without a "backend" key: Meta-World's states never carry
+one (their checkpoints predate EnvPool), so old and new checkpoints have the same keys."""
+
+_EnvT = TypeVar("_EnvT", bound="MultiTaskEnvBase")
+
+
+class MultiTaskEnvBase:
+    """What every backend's multi-task env shares, so they cannot drift apart.
+
+    The argument checks, the call order (`reset()`, then `step_async` + `step_wait`
+    pairs, nothing in between), the episode bookkeeping (`EpisodeTracker`), the reward
+    normaliser (`RewardNormalizer`), the `StepResult` of a step and the checkpoint
+    state around the backend's goal samplers. A backend implements the hooks below
+    (`_open`, `_reset_tasks`, `_send_actions`, `_collect_step`, the task-sampler
+    ones and `close`); see `MultiTaskEnv` for the arguments.
+    """
+
+    backend = _DEFAULT_BACKEND
+
+    def __init__(
+        self,
+        benchmark: str,
+        protocol: Protocol,
+        seed: int,
+        vector_strategy: VectorStrategy = "async",
+        max_episode_steps: int | None = None,
+        *,
+        for_evaluation: bool = False,
+    ) -> None:
+        _check_choice("benchmark", benchmark, list(BENCHMARK_TASKS))
+        _check_choice("vector_strategy", vector_strategy, ["async", "sync"])
+        self._check_backend_serves(protocol)
+        horizon = protocol.max_episode_steps if max_episode_steps is None else max_episode_steps
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or not (
+            1 <= horizon <= METAWORLD_MAX_PATH_LENGTH
+        ):
+            raise ValueError(
+                f"max_episode_steps={horizon!r}; allowed: an integer from 1 to "
+                f"{METAWORLD_MAX_PATH_LENGTH} (Meta-World's path limit)"
+            )
+        self.benchmark = benchmark
+        self.protocol = protocol
+        self.seed = seed
+        self.max_episode_steps = horizon
+        self.for_evaluation = for_evaluation
+        self.task_names: list[str] = list(BENCHMARK_TASKS[benchmark])
+        self.num_tasks = len(self.task_names)
+        self._rewards = RewardNormalizer(
+            self.num_tasks, protocol.normalize_reward, protocol.reward_norm_alpha
+        )
+        self._episodes = EpisodeTracker(self.num_tasks)
+        self._needs_reset = True
+        self._pending_actions: np.ndarray | None = None  # sent by step_async, not yet collected
+        self._open(vector_strategy)
+
+    # -- backend hooks -------------------------------------------------------------------
+
+    def _check_backend_serves(self, protocol: Protocol) -> None:
+        """Raise if this backend cannot run here or reproduce `protocol` (before any work)."""
+
+    def _open(self, vector_strategy: VectorStrategy) -> None:
+        """Build the simulators; sets obs_dim, action_dim, action_low [A], action_high [A]."""
+        raise NotImplementedError
+
+    def _reset_tasks(self) -> np.ndarray:
+        """Start a new episode of every task; returns obs [T, D]."""
+        raise NotImplementedError
+
+    def _send_actions(self, actions: np.ndarray) -> None:
+        """Start stepping every task with actions [T, A] float32 (checked)."""
+        raise NotImplementedError
+
+    def _collect_step(self, actions: np.ndarray) -> StepResult:
+        """Finish the step `_send_actions(actions)` started; calls `_episodes.count_step`
+        as soon as it knows which episodes ended, and returns `_step_result(...)`."""
+        raise NotImplementedError
+
+    def _task_samplers(self) -> list[Any]:
+        """Each task's goal-sampler state now (plain Python values)."""
+        raise NotImplementedError
+
+    def _episode_start_task_samplers(self) -> list[Any]:
+        """Each task's goal-sampler state before the draw of its current episode's goal."""
+        raise NotImplementedError
+
+    def _checked_task_samplers(self, state: dict[str, Any]) -> list[Any]:
+        """`state["task_samplers"]`, checked before anything of this env changes."""
+        return list(state["task_samplers"])
+
+    def _load_task_samplers(self, samplers: list[Any]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # -- the MultiTaskEnv interface ------------------------------------------------------
+
+    def reset(self) -> np.ndarray:
+        """Start a new episode of every task; returns obs [T, D] float32."""
+        self._ensure_open()
+        if self._pending_actions is not None:
+            raise RuntimeError("MultiTaskEnv.reset called between step_async() and step_wait()")
+        obs = self._reset_tasks()  # [T, D]
+        self._episodes.start_all()
+        self._needs_reset = False
+        return obs.astype(np.float32)
+
+    def step(self, actions: np.ndarray) -> StepResult:
+        """Step every task with its action (actions [T, A]); see `StepResult`."""
+        self.step_async(actions)
+        return self.step_wait()
+
+    def step_async(self, actions: np.ndarray) -> None:
+        """Start stepping every task with its action (actions [T, A]); `step_wait` finishes.
+
+        Where the backend steps in workers (Meta-World's async processes, EnvPool's
+        threads) the actions are sent and this returns at once: the T simulations run
+        while this process does something else (the trainer updates the agent
+        meanwhile). Otherwise nothing happens until `step_wait`. `step_async` +
+        `step_wait` is exactly `step`; no other method of this env may be called
+        between the two.
+        """
+        self._ensure_open()
+        if self._needs_reset:
+            raise RuntimeError("MultiTaskEnv.step called before reset()")
+        if self._pending_actions is not None:
+            raise RuntimeError("MultiTaskEnv.step_async called again before step_wait()")
+        actions = np.asarray(actions, dtype=np.float32)
+        if actions.shape != (self.num_tasks, self.action_dim):
+            raise ValueError(
+                f"actions have shape {actions.shape}; expected (T, A) = "
+                f"({self.num_tasks}, {self.action_dim})"
+            )
+        self._send_actions(actions)
+        self._pending_actions = actions
+
+    def step_wait(self) -> StepResult:
+        """The transitions of the step that `step_async` started; see `StepResult`."""
+        self._ensure_open()
+        actions = self._pending_actions
+        if actions is None:
+            raise RuntimeError("MultiTaskEnv.step_wait called without step_async()")
+        self._pending_actions = None
+        return self._collect_step(actions)
+
+    def _step_result(
+        self,
+        obs: np.ndarray,
+        next_obs: np.ndarray,
+        raw_reward: np.ndarray,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+        success: np.ndarray,
+        episode_end: np.ndarray,
+    ) -> StepResult:
+        """A step's `StepResult` from the backend's arrays; ends the ended episodes.
+
+        obs, next_obs [T, D] (any float dtype), raw_reward [T] float64, terminated,
+        truncated, success, episode_end [T] bool.
+        """
+        episode_return, episode_success = self._episodes.end_step(raw_reward, success, episode_end)
+        return StepResult(
+            obs=obs.astype(np.float32),
+            next_obs=next_obs.astype(np.float32),
+            reward=self._rewards(raw_reward).astype(np.float32),
+            raw_reward=raw_reward.astype(np.float32),
+            terminated=terminated,
+            truncated=truncated & ~terminated,
+            success=success,
+            episode_end=episode_end,
+            episode_return=episode_return,
+            episode_success=episode_success,
+        )
+
+    @property
+    def reward_std(self) -> np.ndarray:
+        """[T] the normaliser's current standard deviation estimate per task."""
+        return self._rewards.std
+
+    def _state(self, task_samplers: list[Any]) -> dict[str, Any]:
+        # Keys in the order checkpoints have always had: backend (not Meta-World's),
+        # reward statistics, task samplers.
+        backend = {} if self.backend == _DEFAULT_BACKEND else {"backend": self.backend}
+        return {**backend, **self._rewards.state_dict(), "task_samplers": task_samplers}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Reward-normaliser statistics and each task's goal-sampling RNG state.
+
+        Plain Python values only, so `torch.load(..., weights_only=True)` reads a
+        checkpoint holding it. The physics state of running episodes is not saved:
+        after `load_state_dict`, call `reset()` to start fresh episodes.
+        """
+        self._ensure_open()
+        return self._state(self._task_samplers())
+
+    @property
+    def at_episode_start(self) -> bool:
+        """Every task's episode has just started (after `reset()`, or after a step that
+        ended all episodes) and no step is in flight: the only moments with a resumable
+        state."""
+        return (
+            not self.for_evaluation
+            and not self._needs_reset
+            and self._pending_actions is None
+            and self._episodes.steps_since_common_start == 0
+        )
+
+    def episode_start_state_dict(self) -> dict[str, Any]:
+        """A state from which `load_state_dict` + `reset()` continues this env exactly.
+
+        Only at an episode start (`at_episode_start`): the reward statistics as now,
+        and the goal samplers as they were before the draws of the current episodes'
+        goals, so the restored env's `reset()` redraws the same goals and returns the
+        observation this env returned then; every later step matches too (the physics
+        is deterministic). Same keys as `state_dict()`.
+        """
+        self._ensure_open()
+        if not self.at_episode_start:
+            raise RuntimeError(
+                "episode_start_state_dict() needs every episode to have just started "
+                "(right after reset(), or after the step that ended all episodes)"
+            )
+        return self._state(self._episode_start_task_samplers())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._ensure_open()
+        backend = state.get("backend", _DEFAULT_BACKEND)
+        if backend != self.backend:
+            raise ValueError(
+                f"environment state was saved by env.backend={backend}; this env is "
+                f"env.backend={self.backend} (their goals differ; resume with the same backend)"
+            )
+        self._rewards.check_state_dict(state)
+        samplers = self._checked_task_samplers(state)
+        self._rewards.load_state_dict(state)
+        self._load_task_samplers(samplers)
+        self._needs_reset = True
+        self._episodes.lose_common_start()
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("MultiTaskEnv is closed")
+
+    def __enter__(self: _EnvT) -> _EnvT:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class MultiTaskEnv(MultiTaskEnvBase):
     """T Meta-World tasks stepped together, one sub-environment per task.
 
     Observations are Meta-World's 39-dim goal-observable vectors without a task
@@ -155,46 +385,20 @@ class MultiTaskEnv:
             themselves are the training env's for the same `seed`.
     """
 
-    def __init__(
-        self,
-        benchmark: str,
-        protocol: Protocol,
-        seed: int,
-        vector_strategy: VectorStrategy = "async",
-        max_episode_steps: int | None = None,
-        *,
-        for_evaluation: bool = False,
-    ) -> None:
-        _check_choice("benchmark", benchmark, list(BENCHMARK_TASKS))
-        _check_choice("vector_strategy", vector_strategy, ["async", "sync"])
-        horizon = protocol.max_episode_steps if max_episode_steps is None else max_episode_steps
-        if isinstance(horizon, bool) or not isinstance(horizon, int) or not (
-            1 <= horizon <= METAWORLD_MAX_PATH_LENGTH
-        ):
-            raise ValueError(
-                f"max_episode_steps={horizon!r}; allowed: an integer from 1 to "
-                f"{METAWORLD_MAX_PATH_LENGTH} (Meta-World's path limit)"
-            )
-        self.benchmark = benchmark
-        self.protocol = protocol
-        self.seed = seed
-        self.max_episode_steps = horizon
-        self.for_evaluation = for_evaluation
-        self.task_names: list[str] = list(BENCHMARK_TASKS[benchmark])
-        self.num_tasks = len(self.task_names)
-
+    def _open(self, vector_strategy: VectorStrategy) -> None:
+        protocol, seed, for_evaluation = self.protocol, self.seed, self.for_evaluation
         previous_num_goals = metaworld._N_GOALS
         try:
             with _stop_signals_blocked():  # async workers must not see Ctrl-C, SIGTERM, ...
                 self._vector_env = gym.make_vec(
-                    f"Meta-World/{benchmark.upper()}",
+                    f"Meta-World/{self.benchmark.upper()}",
                     vector_strategy=vector_strategy,
                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
                     seed=seed,
                     use_one_hot=False,
                     num_goals=protocol.num_goals,
                     reward_function_version=protocol.reward_function_version,
-                    max_episode_steps=horizon,
+                    max_episode_steps=self.max_episode_steps,
                     reward_normalization_method=None,
                     terminate_on_success=for_evaluation,
                     task_select="pseudorandom" if for_evaluation else "random",
@@ -217,18 +421,10 @@ class MultiTaskEnv:
         self.action_low = np.asarray(action_space.low, dtype=np.float32)  # [A]
         self.action_high = np.asarray(action_space.high, dtype=np.float32)  # [A]
 
-        self._reward_mean = np.zeros(self.num_tasks)  # [T] running mean of raw rewards
-        self._reward_var = np.ones(self.num_tasks)  # [T] running variance of raw rewards
-        self._running_return = np.zeros(self.num_tasks)  # [T] raw return so far
-        self._running_success = np.zeros(self.num_tasks, dtype=bool)  # [T]
-        self._needs_reset = True
         # Async workers step between step_async and step_wait; sync envs step in step_wait.
         self._steps_in_workers = isinstance(self._vector_env, gym.vector.AsyncVectorEnv)
-        self._pending_actions: np.ndarray | None = None  # sent by step_async, not yet collected
-        # Steps since every task's episode started together (None once they fell out of
-        # step, which only success-termination in evaluation does), and the goal-sampler
-        # states from before the reset that started them (training envs only).
-        self._episode_steps: int | None = None
+        # The goal-sampler states from before the reset that started the current episodes
+        # (training envs only).
         self._samplers_before_reset: list[Any] | None = None
 
     def _check_task_order(self) -> None:
@@ -241,11 +437,7 @@ class MultiTaskEnv:
                 f"expected {self.task_names}"
             )
 
-    def reset(self) -> np.ndarray:
-        """Start a new episode of every task; returns obs [T, D] float32."""
-        self._ensure_open()
-        if self._pending_actions is not None:
-            raise RuntimeError("MultiTaskEnv.reset called between step_async() and step_wait()")
+    def _reset_tasks(self) -> np.ndarray:
         if self.for_evaluation:
             # PseudoRandomTaskSelectWrapper shuffles its goal list when the index wraps to 0.
             self._vector_env.set_attr("current_task_idx", -1)
@@ -254,53 +446,18 @@ class MultiTaskEnv:
             obs, _ = self._vector_env.reset()
         except (EOFError, ConnectionError) as error:
             raise EnvWorkerError(self._dead_workers_message("reset")) from error
-        self._running_return[:] = 0.0
-        self._running_success[:] = False
-        self._needs_reset = False
-        self._episode_steps = 0
-        return obs.astype(np.float32)
+        return obs
 
-    def step(self, actions: np.ndarray) -> StepResult:
-        """Step every task with its action (actions [T, A]); see `StepResult`."""
-        self.step_async(actions)
-        return self.step_wait()
-
-    def step_async(self, actions: np.ndarray) -> None:
-        """Start stepping every task with its action (actions [T, A]); `step_wait` finishes.
-
-        With async workers the actions are sent and this returns at once: the T
-        simulations run in the workers while this process does something else (the
-        trainer updates the agent meanwhile). With sync sub-environments nothing
-        happens until `step_wait`. `step_async` + `step_wait` is exactly `step`; no
-        other method of this env may be called between the two.
-        """
-        self._ensure_open()
-        if self._needs_reset:
-            raise RuntimeError("MultiTaskEnv.step called before reset()")
-        if self._pending_actions is not None:
-            raise RuntimeError("MultiTaskEnv.step_async called again before step_wait()")
-        actions = np.asarray(actions, dtype=np.float32)
-        if actions.shape != (self.num_tasks, self.action_dim):
-            raise ValueError(
-                f"actions have shape {actions.shape}; expected (T, A) = "
-                f"({self.num_tasks}, {self.action_dim})"
-            )
-        if self._episode_steps == self.max_episode_steps - 1:  # this step ends every episode
-            self._capture_samplers_before_reset()
+    def _send_actions(self, actions: np.ndarray) -> None:
+        if self._episodes.steps_since_common_start == self.max_episode_steps - 1:
+            self._capture_samplers_before_reset()  # this step ends every episode
         if self._steps_in_workers:
             try:
                 self._vector_env.step_async(actions)
             except (EOFError, ConnectionError) as error:
                 raise EnvWorkerError(self._dead_workers_message("step")) from error
-        self._pending_actions = actions
 
-    def step_wait(self) -> StepResult:
-        """The transitions of the step that `step_async` started; see `StepResult`."""
-        self._ensure_open()
-        actions = self._pending_actions
-        if actions is None:
-            raise RuntimeError("MultiTaskEnv.step_wait called without step_async()")
-        self._pending_actions = None
+    def _collect_step(self, actions: np.ndarray) -> StepResult:
         try:
             if self._steps_in_workers:
                 obs, raw_reward, terminated, truncated, info = self._vector_env.step_wait()
@@ -312,13 +469,7 @@ class MultiTaskEnv:
         truncated = np.asarray(truncated, dtype=bool)
         raw_reward = np.asarray(raw_reward, dtype=np.float64)
         episode_end = terminated | truncated
-        if self._episode_steps is not None:
-            if episode_end.all():
-                self._episode_steps = 0
-            elif episode_end.any():
-                self._episode_steps = None  # out of step until the next reset()
-            else:
-                self._episode_steps += 1
+        self._episodes.count_step(episode_end)
 
         # Tasks that did not end carry this step's info; the ended ones carry the
         # reset's info, and their last step's info is in info["final_info"].
@@ -331,131 +482,49 @@ class MultiTaskEnv:
             for task in np.flatnonzero(episode_end):
                 next_obs[task] = info["final_obs"][task]
                 success[task] = final_info["success"][task] > 0
-
-        self._running_return += raw_reward
-        self._running_success |= success
-        episode_return = np.where(episode_end, self._running_return, np.nan)
-        episode_success = episode_end & self._running_success
-        self._running_return[episode_end] = 0.0
-        self._running_success[episode_end] = False
-
-        return StepResult(
-            obs=obs.astype(np.float32),
-            next_obs=next_obs.astype(np.float32),
-            reward=self._normalize(raw_reward).astype(np.float32),
-            raw_reward=raw_reward.astype(np.float32),
-            terminated=terminated,
-            truncated=truncated & ~terminated,
-            success=success,
-            episode_end=episode_end,
-            episode_return=episode_return,
-            episode_success=episode_success,
+        return self._step_result(
+            obs, next_obs, raw_reward, terminated, truncated, success, episode_end
         )
 
-    def _normalize(self, raw_reward: np.ndarray) -> np.ndarray:
-        """Running exponential std normalisation (garage's NormalizedEnv), per task."""
-        if not self.protocol.normalize_reward:
-            return raw_reward
-        alpha = self.protocol.reward_norm_alpha
-        self._reward_mean = (1.0 - alpha) * self._reward_mean + alpha * raw_reward
-        self._reward_var = (1.0 - alpha) * self._reward_var + alpha * np.square(
-            raw_reward - self._reward_mean
-        )
-        return raw_reward / (np.sqrt(self._reward_var) + _REWARD_STD_EPS)
-
-    @property
-    def reward_std(self) -> np.ndarray:
-        """[T] the normaliser's current standard deviation estimate per task."""
-        return np.sqrt(self._reward_var)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Reward-normaliser statistics and each task's goal-sampling RNG state.
-
-        Plain Python values only, so `torch.load(..., weights_only=True)` reads a
-        checkpoint holding it. The physics state of running episodes is not saved:
-        after `load_state_dict`, call `reset()` to start fresh episodes.
-        """
-        self._ensure_open()
-        return {
-            "reward_mean": self._reward_mean.tolist(),
-            "reward_var": self._reward_var.tolist(),
-            "task_samplers": list(self._vector_env.call("get_checkpoint")),
-        }
+    def _task_samplers(self) -> list[Any]:
+        return list(self._vector_env.call("get_checkpoint"))
 
     def _capture_samplers_before_reset(self) -> None:
         # One call per episode (about 1 ms for MT10, 50 goals): cheap enough to do always.
         if not self.for_evaluation:
-            self._samplers_before_reset = list(self._vector_env.call("get_checkpoint"))
+            self._samplers_before_reset = self._task_samplers()
 
     @property
     def at_episode_start(self) -> bool:
-        """Every task's episode has just started (after `reset()`, or after a step that
-        ended all episodes) and no step is in flight: the only moments with a resumable
-        state."""
-        return (
-            not self.for_evaluation
-            and not self._needs_reset
-            and self._pending_actions is None
-            and self._episode_steps == 0
-            and self._samplers_before_reset is not None
-        )
+        return super().at_episode_start and self._samplers_before_reset is not None
 
-    def episode_start_state_dict(self) -> dict[str, Any]:
-        """A state from which `load_state_dict` + `reset()` continues this env exactly.
+    def _episode_start_task_samplers(self) -> list[Any]:
+        return list(self._samplers_before_reset or [])
 
-        Only at an episode start (`at_episode_start`): the reward statistics as now,
-        and the goal-sampler RNGs as they were before the reset that started the
-        current episodes, so the restored env's `reset()` redraws the same goals and
-        returns the observation this env returned then; every later step matches too
-        (the physics is deterministic). Same keys as `state_dict()`.
-        """
-        self._ensure_open()
-        if not self.at_episode_start:
-            raise RuntimeError(
-                "episode_start_state_dict() needs every episode to have just started "
-                "(right after reset(), or after the step that ended all episodes)"
-            )
-        return {
-            "reward_mean": self._reward_mean.tolist(),
-            "reward_var": self._reward_var.tolist(),
-            "task_samplers": list(self._samplers_before_reset or []),
-        }
+    def _load_task_samplers(self, samplers: list[Any]) -> None:
+        self._vector_env.call("load_checkpoint", samplers)
 
     def _dead_workers_message(self, action: str) -> str:
         processes = getattr(self._vector_env, "processes", [])
-        dead = [
-            f"{task} (pid {process.pid}, exit code {process.exitcode})"
-            for task, process in zip(self.task_names, processes, strict=False)
-            if process.exitcode is not None
-        ]
+
+        def dead_workers() -> list[str]:
+            return [
+                f"{task} (pid {process.pid}, exit code {process.exitcode})"
+                for task, process in zip(self.task_names, processes, strict=False)
+                if process.exitcode is not None
+            ]
+
+        # A dying process closes its pipes before the kernel lets its parent reap it:
+        # give the exit status a moment to appear (a loaded machine makes the gap longer).
+        deadline = time.monotonic() + _WORKER_EXIT_WAIT_SECONDS
+        dead = dead_workers()
+        while not dead and processes and time.monotonic() < deadline:
+            time.sleep(0.01)
+            dead = dead_workers()
         return (
             f"environment worker process(es) died during {action}: "
             f"{', '.join(dead) or 'unknown (a pipe to a worker closed)'}"
         )
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._ensure_open()
-        backend = state.get("backend", "metaworld")
-        if backend != "metaworld":
-            raise ValueError(
-                f"environment state was saved by env.backend={backend}; this env is "
-                "env.backend=metaworld (their goals differ; resume with the same backend)"
-            )
-        for key in ("reward_mean", "reward_var"):
-            value = np.asarray(state[key], dtype=np.float64)
-            if value.shape != (self.num_tasks,):
-                raise ValueError(
-                    f"state[{key!r}] has shape {value.shape}; expected ({self.num_tasks},)"
-                )
-        self._reward_mean = np.array(state["reward_mean"], dtype=np.float64)
-        self._reward_var = np.array(state["reward_var"], dtype=np.float64)
-        self._vector_env.call("load_checkpoint", list(state["task_samplers"]))
-        self._needs_reset = True
-        self._episode_steps = None
-
-    def _ensure_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("MultiTaskEnv is closed")
 
     def close(self) -> None:
         """End the worker processes (async) and free the simulators. Idempotent."""
@@ -468,7 +537,7 @@ class MultiTaskEnv:
                 # others are told to close), and the vector env now counts as closed, so a
                 # second close() would do nothing: terminate the live workers directly, or
                 # multiprocessing's exit handler waits for them forever.
-                # SIGKILL: the workers block SIGTERM (see the fork in __init__).
+                # SIGKILL: the workers block SIGTERM (see the fork in _open).
                 workers = getattr(self._vector_env, "processes", [])
                 for process in workers:
                     if process.is_alive():
@@ -476,36 +545,22 @@ class MultiTaskEnv:
                 for process in workers:
                     process.join(timeout=10)
 
-    def __enter__(self) -> MultiTaskEnv:
-        return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-def make_multitask_env(
-    backend: str,
-    benchmark: str,
-    protocol: Protocol,
-    seed: int,
-    vector_strategy: VectorStrategy = "async",
-    max_episode_steps: int | None = None,
-    *,
-    for_evaluation: bool = False,
-) -> MultiTaskEnv:
-    """A `MultiTaskEnv` on `backend` ("metaworld" or "envpool"); same interface either way."""
+def _backend_class(backend: str) -> type[MultiTaskEnvBase]:
     _check_choice("env.backend", backend, list(BACKENDS))
     if backend == "envpool":
         from mtrl_ntk.envs.envpool_env import EnvPoolMultiTaskEnv
 
-        return EnvPoolMultiTaskEnv(  # type: ignore[return-value]
-            benchmark, protocol, seed, vector_strategy, max_episode_steps,
-            for_evaluation=for_evaluation,
-        )
-    return MultiTaskEnv(
-        benchmark, protocol, seed, vector_strategy, max_episode_steps,
-        for_evaluation=for_evaluation,
-    )
+        return EnvPoolMultiTaskEnv
+    return MultiTaskEnv
+
+
+def make_multitask_env(backend: str, *args: Any, **kwargs: Any) -> MultiTaskEnvBase:
+    """A multi-task env on `backend` ("metaworld" or "envpool"); same interface either way.
+
+    The other arguments are `MultiTaskEnv`'s (benchmark, protocol, seed, ...), passed on.
+    """
+    return _backend_class(backend)(*args, **kwargs)
 
 
 Policy = Callable[[np.ndarray], np.ndarray]

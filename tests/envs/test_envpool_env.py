@@ -133,9 +133,13 @@ def test_checkpoint_state_resumes_the_same_goals_and_trajectory() -> None:
             start = env.step(action).obs  # the second episode's first observation
         assert env.at_episode_start
         state = env.episode_start_state_dict()
+        # The keys checkpoints have always had, in both kinds of state.
+        keys = ["backend", "reward_mean", "reward_var", "task_samplers"]
+        assert list(state) == keys and list(env.state_dict()) == keys
         results = [env.step(action) for action in steps[4:]]
     with envpool_env(horizon=4) as resumed:
         resumed.load_state_dict(state)
+        assert resumed.state_dict() == state  # round-trips (no episode prepared yet)
         np.testing.assert_array_equal(resumed.reset(), start)
         for expected, action in zip(results, steps[4:], strict=True):
             result = resumed.step(action)

@@ -123,7 +123,11 @@ def test_same_seed_and_actions_reproduce_the_run_and_state_dict_restores_it(
                 np.testing.assert_array_equal(getattr(a, field.name), getattr(b, field.name))
 
         rollout(first, 7, seed=5)  # moves first's reward statistics on
-        second.load_state_dict(first.state_dict())
+        state = first.state_dict()
+        # The keys checkpoints have always had (no "backend": Meta-World's is the default).
+        assert list(state) == ["reward_mean", "reward_var", "task_samplers"]
+        second.load_state_dict(state)
+        assert second.state_dict() == state  # round-trips
         first.reset()
         second.reset()
         for a, b in zip(rollout(first, 6, seed=6), rollout(second, 6, seed=6), strict=True):
