@@ -26,6 +26,7 @@ shape, say) is raised as usual, and compilation stays on.
 
 from __future__ import annotations
 
+import types
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
@@ -62,7 +63,7 @@ class MaybeCompiled(Generic[R]):
                 for tensor in static_tensors:
                     torch._dynamo.mark_static_address(tensor)
                 compiled = torch.compile(
-                    fn, dynamic=False, backend=backend, fullgraph=fullgraph, mode=mode
+                    _own_code(fn), dynamic=False, backend=backend, fullgraph=fullgraph, mode=mode
                 )
                 self._compiled = _tracing_autograd(compiled)
             except Exception as error:  # noqa: BLE001 - any failure means: run eagerly
@@ -92,6 +93,25 @@ class MaybeCompiled(Generic[R]):
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def _own_code(fn: Callable[..., R]) -> Callable[..., R]:
+    """``fn`` behind a trampoline with a code object of its own.
+
+    Dynamo keeps its compiled entries per code object and allows only a few (its
+    recompile limit) before giving up. Two agents compile the same method
+    (``MultiTaskSAC.update_graph``) with different guards, so without this a
+    process with many agents (a benchmark, a test session) would exhaust the limit
+    and each agent's cache would hold the others' entries.
+    """
+
+    def trampoline(*args: Any, **kwargs: Any) -> R:
+        return fn(*args, **kwargs)
+
+    code = trampoline.__code__.replace(co_name=f"compiled_{getattr(fn, '__name__', 'fn')}")
+    return types.FunctionType(
+        code, trampoline.__globals__, code.co_name, None, trampoline.__closure__
+    )
 
 
 def _tracing_autograd(compiled: Callable[..., R]) -> Callable[..., R]:

@@ -151,3 +151,16 @@ def test_a_0d_float64_tensor_mutated_in_a_compiled_graph_is_what_the_state_avoid
         agent = make_agent(name)
         for tensor in agent._state_tensors():
             assert not (tensor.dim() == 0 and tensor.dtype == torch.float64), name
+
+
+def test_more_agents_than_dynamos_recompile_limit_each_keep_their_compiled_update() -> None:
+    # Each agent compiles its own code object (mtrl_ntk.compilation._own_code): a process
+    # with many agents (a benchmark, several seeds) never falls back to eager.
+    limit = 2
+    agents = [make_agent("ls", compile=True, backend="eager") for _ in range(limit + 1)]
+    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=limit):
+        warnings.simplefilter("error", RuntimeWarning)
+        for seed in range(2):
+            for agent in agents:
+                agent.update(make_batch(seed))
+    assert all(agent._update_fn.compiled for agent in agents)
