@@ -156,8 +156,8 @@ def test_a_0d_float64_tensor_mutated_in_a_compiled_graph_is_what_the_state_avoid
 def test_more_agents_than_dynamos_recompile_limit_each_keep_their_compiled_update() -> None:
     # Each agent compiles its own code object (mtrl_ntk.compilation._own_code): a process
     # with many agents (a benchmark, several seeds) never falls back to eager.
-    limit = 2
-    agents = [make_agent("ls", compile=True, backend="eager") for _ in range(limit + 1)]
+    limit = 2  # three agents whose graphs differ (one per combiner)
+    agents = [make_agent(name, compile=True, backend="eager") for name in ("ls", "uw", "si")]
     with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=limit):
         warnings.simplefilter("error", RuntimeWarning)
         for seed in range(2):
