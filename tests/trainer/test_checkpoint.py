@@ -23,9 +23,7 @@ from mtrl_ntk.checkpoint import (
     CheckpointError,
     CheckpointManager,
     Segment,
-    capture_global_rng,
     config_differences,
-    restore_global_rng,
     truncate_metrics,
     write_atomically,
 )
@@ -33,6 +31,7 @@ from mtrl_ntk.combiners import make_combiner
 from mtrl_ntk.envs import PROTOCOLS, EnvWorkerError, MultiTaskEnv
 from mtrl_ntk.faults import NonFiniteUpdates, UpdateGuard, poison_batch
 from mtrl_ntk.replay import MultiTaskReplayBuffer
+from mtrl_ntk.rng import capture_global_rng, restore_global_rng
 
 TASKS, OBS, ACTION = 3, 5, 2
 CAPACITY = 7  # rows per task: small, so the ring wraps within a few checkpoints
@@ -351,3 +350,4 @@ def test_a_killed_worker_stops_the_env_naming_its_task_and_stop_signals_spare_wo
     for process in processes:
         process.join(timeout=10)
     assert not any(process.is_alive() for process in processes)
+
