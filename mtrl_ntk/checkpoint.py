@@ -6,15 +6,16 @@ Layout inside the run directory::
       step-000000010050.pt                      # one file per checkpoint; the last K are kept
       replay/rows-000000000000-000000010050.pt  # replay rows [start, stop), append-only
 
-A checkpoint file holds the agent (networks, target critic, temperature, Adam
-states, both combiners' states, its noise generator), the environment state at an
-episode start (reward normaliser, goal-sampler RNGs; see below), the evaluation
-env's goal-sampler state, the trainer's replay-sampling generator and warm-up RNG,
-the global RNGs (Python, NumPy, torch CPU, CUDA), the step counter, the metric and
-episode accumulators since the last log/evaluation, the skip counters of the
-non-finite guard, and a replay manifest: how many rows the buffer had received
+A checkpoint file holds a run's state as the trainer composes it
+(``Trainer.state_dict`` in train.py: the agent with its combiners, the environment
+state at an episode start, the generators, the step counter, the metric and
+episode accumulators, the non-finite guard's counters; each part is the
+``state_dict`` of the object that owns it) plus two entries of this module's own:
+``format`` and a replay manifest, i.e. how many rows the buffer had received
 (``rows_added``; one row = one transition per task) and which segment files hold
-the rows still in the ring buffer.
+the rows still in the ring buffer. This module only writes and reads files: it
+never imports the trainer and knows nothing of its state beyond it being a tree
+of tensors and plain Python values (the step a file belongs to is in its name).
 
 The replay buffer is saved incrementally: each checkpoint appends one segment with
 the rows added since the previous checkpoint (at most the ring's capacity), never
@@ -34,7 +35,8 @@ Every file is written atomically: a temporary file in the same directory, fsync,
 that lists it. A kill at any moment therefore leaves the previous checkpoint
 complete and loadable; a failed write (disk full) removes its temporary file,
 leaves the previous checkpoint intact and stops the run with
-:class:`CheckpointError`. A state holding a non-finite number is never written.
+:class:`CheckpointError`. A state holding a non-finite number in the entries the
+caller names as learned state (``finite_keys``; by default all) is never written.
 
 Episode boundaries: Meta-World cannot save the MuJoCo state of a running episode,
 but training episodes never terminate early and share the horizon, so every task's
@@ -59,24 +61,19 @@ from __future__ import annotations
 import io
 import json
 import math
-import random
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from mtrl_ntk.atomic import fsync_directory, write_atomically, write_text_atomically
 from mtrl_ntk.faults import RunStopped
 from mtrl_ntk.replay import MultiTaskReplayBuffer
-
-if TYPE_CHECKING:
-    from mtrl_ntk.train import Trainer
 
 CHECKPOINT_DIR = "checkpoints"
 REPLAY_DIR = "replay"
@@ -87,6 +84,14 @@ _SEGMENT_NAME = re.compile(r"^rows-(\d{12})-(\d{12})\.pt$")
 
 class CheckpointError(RunStopped):
     """A checkpoint could not be written or read; the previous one is intact."""
+
+
+def _step_of(path: Path) -> int:
+    """The step of a checkpoint file, from its name (the state's layout is the caller's)."""
+    match = _CHECKPOINT_NAME.match(path.name)
+    if match is None:
+        raise ValueError(f"{path.name} is not a checkpoint file name")
+    return int(match[1])
 
 
 def _save_torch(obj: Any) -> Callable[[IO[bytes]], None]:
@@ -104,49 +109,6 @@ def _save_torch(obj: Any) -> Callable[[IO[bytes]], None]:
 def _load_torch(path: Path, *, mmap: bool = False) -> Any:
     # weights_only: a checkpoint holds tensors and plain Python values, nothing executable.
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-
-
-# -- global random number generators -----------------------------------------------------------
-
-
-def capture_global_rng() -> dict[str, Any]:
-    """The states of Python's, NumPy's and torch's global generators (and of every CUDA
-    device's, if this process has initialised CUDA; asking would initialise it)."""
-    numpy_state = np.random.get_state(legacy=False)
-    return {
-        "python": random.getstate(),
-        "numpy": {
-            "bit_generator": numpy_state["bit_generator"],
-            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
-            "pos": int(numpy_state["state"]["pos"]),
-            "has_gauss": int(numpy_state["has_gauss"]),
-            "gauss": float(numpy_state["gauss"]),
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-    }
-
-
-def restore_global_rng(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    numpy_state = state["numpy"]
-    np.random.set_state({
-        "bit_generator": numpy_state["bit_generator"],
-        "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
-        "has_gauss": numpy_state["has_gauss"],
-        "gauss": numpy_state["gauss"],
-    })
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        if len(state["cuda"]) != torch.cuda.device_count():
-            print(
-                f"mtrl_ntk: warning: the checkpoint has CUDA RNG states of {len(state['cuda'])} "
-                f"devices, this machine has {torch.cuda.device_count()}; restoring the common ones",
-                file=sys.stderr,
-            )
-        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, index)
 
 
 # -- validation ----------------------------------------------------------------------------------
@@ -183,18 +145,6 @@ def _float_leaves(tree: Any, path: str = "") -> list[tuple[str, float]]:
     return []
 
 
-def check_resumed_observation(obs: np.ndarray, expected: np.ndarray) -> None:
-    """Warn when the resumed env's first observation is not the one the checkpoint saw."""
-    if not np.array_equal(obs, expected):
-        difference = float(np.max(np.abs(obs - expected))) if obs.shape == expected.shape else None
-        print(
-            "mtrl_ntk: warning: the resumed environments' first observation differs from the "
-            f"checkpoint's (max |difference| {difference}): the continuation is not bit-exact "
-            "(another Meta-World or MuJoCo version?)",
-            file=sys.stderr,
-        )
-
-
 def truncate_metrics(path: Path, last_step: int) -> int:
     """Atomically drop the rows of ``path`` (metrics.jsonl) after ``last_step``, and a torn
     last line; returns how many rows were dropped."""
@@ -227,66 +177,6 @@ def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     return [] if saved == current else [f"{prefix}: {saved!r} -> {current!r}"]
 
 
-# -- what a trainer saves -------------------------------------------------------------------------
-
-
-def trainer_state(trainer: Trainer, obs: np.ndarray) -> dict[str, Any]:
-    """Everything of ``trainer`` a continuation needs, at an episode start (``obs`` [T, D] is
-    the observation the next action is computed from), except the replay rows."""
-    assert trainer.env is not None
-    evaluator = trainer.evaluator
-    guard = trainer.guard
-    return {
-        "step": trainer.step,
-        "agent": trainer.agent.state_dict(),
-        "env": trainer.env.episode_start_state_dict(),
-        "obs": torch.from_numpy(np.array(obs, dtype=np.float32)),  # [T, D]
-        "evaluator_env": None if evaluator is None else evaluator.env.state_dict(),
-        "sample_generator": trainer.sample_generator.get_state(),
-        "warmup_rng": trainer.warmup_rng.bit_generator.state,
-        "log_window": {"sums": dict(trainer.log_window.sums), "count": trainer.log_window.count},
-        "eval_window": {
-            "sums": dict(trainer.eval_window.sums), "count": trainer.eval_window.count,
-        },
-        "episodes": {
-            "successes": torch.from_numpy(trainer.episodes.successes.copy()),
-            "returns": torch.from_numpy(trainer.episodes.returns.copy()),
-            "episodes": torch.from_numpy(trainer.episodes.episodes.copy()),
-        },
-        "last_eval": dict(trainer.last_eval),
-        "elapsed_seconds": trainer.elapsed_seconds,
-        "update_guard": None if guard is None else guard.state_dict(),
-        # Last: nothing after this point may draw from a global generator.
-        "global_rng": capture_global_rng(),
-    }
-
-
-def load_trainer_state(trainer: Trainer, state: dict[str, Any]) -> None:
-    """Restore ``trainer_state`` into a freshly built trainer (its replay buffer separately)."""
-    assert trainer.env is not None
-    device = trainer.spec.device
-    trainer.step = int(state["step"])
-    trainer.agent.load_state_dict(state["agent"])
-    trainer.env.load_state_dict(state["env"])
-    trainer.resumed_obs = state["obs"].numpy()
-    if state["evaluator_env"] is not None:
-        trainer.ensure_evaluator().env.load_state_dict(state["evaluator_env"])
-    trainer.sample_generator.set_state(state["sample_generator"])
-    trainer.warmup_rng.bit_generator.state = state["warmup_rng"]
-    for name in ("log_window", "eval_window"):
-        window = getattr(trainer, name)
-        window.sums = {key: value.to(device) for key, value in state[name]["sums"].items()}
-        window.count = int(state[name]["count"])
-    for name in ("successes", "returns", "episodes"):
-        getattr(trainer.episodes, name)[:] = state["episodes"][name].numpy()
-    trainer.last_eval = dict(state["last_eval"])
-    trainer.elapsed_offset = float(state["elapsed_seconds"])
-    if trainer.guard is not None and state["update_guard"] is not None:
-        trainer.guard.load_state_dict(state["update_guard"])
-    # Last: building the evaluation env above re-seeds NumPy's global generator.
-    restore_global_rng(state["global_rng"])
-
-
 # -- the files -------------------------------------------------------------------------------------
 
 
@@ -308,7 +198,7 @@ class Checkpoint:
 
     path: Path
     step: int
-    state: dict[str, Any]  # the trainer state plus "replay" (the manifest) and "format"
+    state: dict[str, Any]  # the saved state plus "replay" (the manifest) and "format"
 
 
 class CheckpointManager:
@@ -357,14 +247,25 @@ class CheckpointManager:
     # -- writing -------------------------------------------------------------------------------
 
     def save(
-        self, step: int, state: dict[str, Any], buffer: MultiTaskReplayBuffer, rows_added: int
+        self,
+        step: int,
+        state: dict[str, Any],
+        buffer: MultiTaskReplayBuffer,
+        rows_added: int,
+        *,
+        finite_keys: Collection[str] | None = None,
     ) -> Path:
         """Write the checkpoint of ``step``: first the new replay rows, then the state file.
+
+        ``finite_keys`` names the top-level entries of ``state`` that must hold only
+        finite numbers (None: all of them): a non-finite network or normaliser would
+        poison every continuation, while a logged metric may legitimately be NaN.
 
         Raises CheckpointError (the previous checkpoint intact) when the state is not
         finite or a write fails.
         """
-        bad = non_finite_entries({"agent": state["agent"], "env": state["env"]})
+        checked = state if finite_keys is None else {key: state[key] for key in finite_keys}
+        bad = non_finite_entries(checked)
         if bad:
             raise CheckpointError(
                 f"refusing to checkpoint a non-finite state at step {step} "
@@ -456,7 +357,7 @@ class CheckpointManager:
             except Exception as error:  # noqa: BLE001 - any damage: fall back to an older one
                 print(f"mtrl_ntk: warning: skipping checkpoint {path}: {error}", file=sys.stderr)
                 continue
-            return Checkpoint(path=path, step=int(state["step"]), state=state)
+            return Checkpoint(path=path, step=_step_of(path), state=state)
         return None
 
     def resume_from(self, checkpoint: Checkpoint | None) -> None:

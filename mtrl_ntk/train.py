@@ -61,10 +61,7 @@ from mtrl_ntk.atomic import write_text_atomically
 from mtrl_ntk.checkpoint import (
     Checkpoint,
     CheckpointManager,
-    check_resumed_observation,
     config_differences,
-    load_trainer_state,
-    trainer_state,
     truncate_metrics,
 )
 from mtrl_ntk.config import ConfigError, RunSpec, build_run_spec, make_combiners
@@ -78,6 +75,7 @@ from mtrl_ntk.envs import (
 from mtrl_ntk.faults import RunInterrupted, RunStopped, StopSignals, UpdateGuard, poison_batch
 from mtrl_ntk.provenance import write_provenance
 from mtrl_ntk.replay import MultiTaskReplayBuffer
+from mtrl_ntk.rng import capture_global_rng, restore_global_rng
 from mtrl_ntk.runtime import tune_cpu_allocator
 from mtrl_ntk.tb_layout import affinity_image, custom_scalar_layout
 
@@ -86,6 +84,10 @@ METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
 TENSORBOARD_DIR = "tb"
 _FILE_MODE = 0o644
+# The entries of Trainer.state_dict() a checkpoint refuses to hold a NaN or an infinity in:
+# the learned state (networks, optimisers, combiners, reward normaliser), which would poison
+# every continuation. Logged metrics and the last evaluation may legitimately be non-finite.
+_MUST_BE_FINITE = ("agent", "env")
 
 # Agent metric -> tag. Per-task metrics ([T]) get "/<task>" appended to the tag.
 # Metrics the agent adds later and this table does not know are logged as "agent/<key>".
@@ -122,9 +124,14 @@ class MetricAccumulator:
     moves the averages to the host once. The agent zeroes every metric of an update
     it did not apply, so each metric is averaged over the applied updates (the sum
     of ``finite``), and ``finite`` itself over all of them.
+
+    Args:
+        device: where ``load_state_dict`` puts the sums: the device the metrics come
+            from (a checkpoint is read onto the CPU).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
         self.sums: dict[str, Tensor] = {}
         self.count = 0
 
@@ -156,6 +163,14 @@ class MetricAccumulator:
     def reset(self) -> None:
         self.sums = {}
         self.count = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The window so far, so a resumed run logs the same averages as an uninterrupted one."""
+        return {"sums": dict(self.sums), "count": self.count}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sums = {key: value.to(self.device) for key, value in state["sums"].items()}
+        self.count = int(state["count"])
 
 
 def metric_scalars(means: Mapping[str, np.ndarray], task_names: Sequence[str]) -> dict[str, float]:
@@ -213,6 +228,31 @@ class EpisodeStats:
         self.returns[:] = 0.0
         self.episodes[:] = 0
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """Copies as tensors (``torch.load(weights_only=True)`` reads them; NumPy arrays not)."""
+        return {
+            "successes": torch.from_numpy(self.successes.copy()),
+            "returns": torch.from_numpy(self.returns.copy()),
+            "episodes": torch.from_numpy(self.episodes.copy()),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        self.successes[:] = state["successes"].numpy()
+        self.returns[:] = state["returns"].numpy()
+        self.episodes[:] = state["episodes"].numpy()
+
+
+def check_resumed_observation(obs: np.ndarray, expected: np.ndarray) -> None:
+    """Warn when the resumed env's first observation is not the one the checkpoint saw."""
+    if not np.array_equal(obs, expected):
+        difference = float(np.max(np.abs(obs - expected))) if obs.shape == expected.shape else None
+        print(
+            "mtrl_ntk: warning: the resumed environments' first observation differs from the "
+            f"checkpoint's (max |difference| {difference}): the continuation is not bit-exact "
+            "(another Meta-World or MuJoCo version?)",
+            file=sys.stderr,
+        )
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's global generators (CUDA included)."""
@@ -237,9 +277,12 @@ def _json_number(value: Any) -> Any:
 class Trainer:
     """One run: the environments, replay buffer, agent and loggers, and the loop over steps.
 
-    Everything a continuation needs is an attribute with a ``state_dict``
-    (``env``, ``buffer``, ``agent``, the generators) or a plain counter
-    (``step``), so a checkpoint can collect it without reaching into the loop.
+    Everything a continuation needs is an attribute that owns its ``state_dict``
+    (``env``, ``agent``, ``log_window``, ``episodes``, ``guard``, the generators) or
+    a plain counter (``step``); ``state_dict`` composes them and ``load_state_dict``
+    hands each part back to its owner, so the checkpoint module only writes and
+    reads files. The replay buffer is the exception: the checkpoint manager saves
+    its rows incrementally (``CheckpointManager.save`` / ``restore_replay``).
     """
 
     def __init__(
@@ -298,8 +341,8 @@ class Trainer:
         self.sample_generator.manual_seed(sample_seed)
         self.warmup_rng = np.random.default_rng(warmup_seed)  # uniformly random warm-up actions
 
-        self.log_window = MetricAccumulator()  # since the last TensorBoard log
-        self.eval_window = MetricAccumulator()  # since the last evaluation
+        self.log_window = MetricAccumulator(device)  # since the last TensorBoard log
+        self.eval_window = MetricAccumulator(device)  # since the last evaluation
         self.episodes = EpisodeStats(spec.num_tasks)  # training episodes since the last evaluation
         self.guard = (
             UpdateGuard(self.agent, self.task_names, spec.train.max_consecutive_skips)
@@ -317,7 +360,58 @@ class Trainer:
             self.checkpoints.resume_from(checkpoint)
         if checkpoint is not None:
             self.checkpoints.restore_replay(checkpoint, self.buffer)
-            load_trainer_state(self, checkpoint.state)
+            self.load_state_dict(checkpoint.state)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def state_dict(self, obs: np.ndarray) -> dict[str, Any]:
+        """Everything a continuation needs except the replay rows, at an episode start.
+
+        ``obs`` [T, D] is the observation the next action is computed from (the loop's,
+        not an attribute); a resumed run compares its first observation with it. The
+        keys are those checkpoints have always had, so older checkpoints still load.
+        """
+        assert self.env is not None
+        return {
+            "step": self.step,
+            "agent": self.agent.state_dict(),
+            "env": self.env.episode_start_state_dict(),
+            "obs": torch.from_numpy(np.array(obs, dtype=np.float32)),  # [T, D]
+            "evaluator_env": None if self.evaluator is None else self.evaluator.env.state_dict(),
+            "sample_generator": self.sample_generator.get_state(),
+            "warmup_rng": self.warmup_rng.bit_generator.state,
+            "log_window": self.log_window.state_dict(),
+            "eval_window": self.eval_window.state_dict(),
+            "episodes": self.episodes.state_dict(),
+            "last_eval": dict(self.last_eval),
+            "elapsed_seconds": self.elapsed_seconds,
+            "update_guard": None if self.guard is None else self.guard.state_dict(),
+            # Last: nothing after this point may draw from a global generator.
+            "global_rng": capture_global_rng(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict``'s state into this freshly built trainer (whose replay buffer
+        the checkpoint manager fills separately). Keys it does not know (a checkpoint's
+        ``format`` and replay manifest) are ignored."""
+        assert self.env is not None
+        self.step = int(state["step"])
+        self.agent.load_state_dict(state["agent"])
+        self.env.load_state_dict(state["env"])
+        self.resumed_obs = state["obs"].numpy()
+        if state["evaluator_env"] is not None:
+            self.ensure_evaluator().env.load_state_dict(state["evaluator_env"])
+        self.sample_generator.set_state(state["sample_generator"])
+        self.warmup_rng.bit_generator.state = state["warmup_rng"]
+        self.log_window.load_state_dict(state["log_window"])
+        self.eval_window.load_state_dict(state["eval_window"])
+        self.episodes.load_state_dict(state["episodes"])
+        self.last_eval = dict(state["last_eval"])
+        self.elapsed_offset = float(state["elapsed_seconds"])
+        if self.guard is not None and state["update_guard"] is not None:
+            self.guard.load_state_dict(state["update_guard"])
+        # Last: building the evaluation env above re-seeds NumPy's global generator.
+        restore_global_rng(state["global_rng"])
 
     @property
     def elapsed_seconds(self) -> float:
@@ -471,7 +565,8 @@ class Trainer:
         self.writer.flush()  # TensorBoard up to this step is on disk before the checkpoint
         started = time.perf_counter()
         path = self.checkpoints.save(
-            self.step, trainer_state(self, obs), self.buffer, rows_added=self.step
+            self.step, self.state_dict(obs), self.buffer, rows_added=self.step,
+            finite_keys=_MUST_BE_FINITE,
         )
         self.checkpoints.seconds_this_session += time.perf_counter() - started
         every = self.spec.train.checkpoint_every

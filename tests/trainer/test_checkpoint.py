@@ -10,6 +10,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,9 +25,7 @@ from mtrl_ntk.checkpoint import (
     CheckpointError,
     CheckpointManager,
     Segment,
-    capture_global_rng,
     config_differences,
-    restore_global_rng,
     truncate_metrics,
     write_atomically,
 )
@@ -33,6 +33,8 @@ from mtrl_ntk.combiners import make_combiner
 from mtrl_ntk.envs import PROTOCOLS, EnvWorkerError, MultiTaskEnv
 from mtrl_ntk.faults import NonFiniteUpdates, UpdateGuard, poison_batch
 from mtrl_ntk.replay import MultiTaskReplayBuffer
+from mtrl_ntk.rng import capture_global_rng, restore_global_rng
+from tests.trainer.test_run_mt10 import REPOSITORY
 
 TASKS, OBS, ACTION = 3, 5, 2
 CAPACITY = 7  # rows per task: small, so the ring wraps within a few checkpoints
@@ -351,3 +353,74 @@ def test_a_killed_worker_stops_the_env_naming_its_task_and_stop_signals_spare_wo
     for process in processes:
         process.join(timeout=10)
     assert not any(process.is_alive() for process in processes)
+
+
+# -- state ownership ------------------------------------------------------------------------------
+
+
+def test_the_checkpoint_module_does_not_import_the_trainer() -> None:
+    """checkpoint.py writes and reads files; the trainer composes the state it stores."""
+    probe = "import sys, mtrl_ntk.checkpoint; print('mtrl_ntk.train' in sys.modules)"
+    completed = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
+    )
+    assert completed.stdout.strip() == "False", completed.stderr
+
+
+def assert_same_tree(actual: Any, expected: Any, path: str = "state") -> None:
+    """Equal trees: tensors bit for bit, tuples and lists alike (a saved tuple may load
+    as either), everything else by ==."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor) and torch.equal(actual.cpu(), expected.cpu()), path
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and list(actual) == list(expected), path
+        for key, value in expected.items():
+            assert_same_tree(actual[key], value, f"{path}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), path
+        for index, (item, value) in enumerate(zip(actual, expected, strict=True)):
+            assert_same_tree(item, value, f"{path}[{index}]")
+    else:
+        assert actual == expected, path
+
+
+@pytest.mark.slow
+def test_trainer_state_dict_round_trips_through_load_state_dict(tmp_path: Path) -> None:
+    """A smoke run checkpointed at step 150, between evaluations (100, 200) and logs
+    (every 40 steps), so every part of the state holds something; a fresh trainer
+    loaded from it reports the same state, and its reset returns the observation the
+    checkpoint saw."""
+    from mtrl_ntk.config import build_run_spec
+    from mtrl_ntk.train import Trainer, seed_everything
+    from tests.trainer.test_configs import composed
+
+    spec = build_run_spec(composed(
+        "experiment=smoke", "train.num_steps=200", "train.progress_bar=false",
+        "train.checkpoint_every=150", "train.log_every=40",
+    ))
+    seed_everything(spec.seed)
+    trainer = Trainer(spec, tmp_path)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    checkpoint = CheckpointManager(tmp_path).latest()
+    assert checkpoint is not None and checkpoint.step == 150
+    saved = {key: value for key, value in checkpoint.state.items()
+             if key not in ("format", "replay")}
+    assert saved["log_window"]["count"] == 30 and saved["eval_window"]["count"] == 50
+    assert saved["episodes"]["episodes"].sum() > 0 and saved["evaluator_env"] is not None
+
+    restored = Trainer(spec, tmp_path, checkpoint=checkpoint)
+    try:
+        assert restored.env is not None
+        rng_after_load = capture_global_rng()
+        obs = restored.env.reset()
+        assert np.array_equal(obs, saved["obs"].numpy())
+        state = restored.state_dict(obs)
+    finally:
+        restored.close()
+    assert_same_tree(rng_after_load, saved.pop("global_rng"), "global_rng")
+    state.pop("global_rng")  # reset() may draw from the global generators
+    assert_same_tree(state, saved)

@@ -97,3 +97,22 @@ def test_episode_stats_average_only_the_episodes_that_ended() -> None:
     stats.reset()
     assert stats.scalars(TASKS) == {}
 
+
+
+def test_accumulator_and_episode_stats_continue_from_their_state_dicts() -> None:
+    """What a checkpoint keeps of them: a restored window averages as the original would."""
+    window = MetricAccumulator()
+    window.add({"critic_loss": torch.tensor(1.0), "finite": torch.tensor(1.0)})
+    restored = MetricAccumulator()
+    restored.load_state_dict(window.state_dict())
+    for accumulator in (window, restored):
+        accumulator.add({"critic_loss": torch.tensor(3.0), "finite": torch.tensor(1.0)})
+    assert restored.means() == window.means() and restored.count == 2
+
+    stats = EpisodeStats(3)
+    stats.add(_step([True, False, False], [True, True, False], [10.0, 0.0, 0.0]))
+    state = stats.state_dict()
+    stats.reset()  # the state is a copy, not a view of the live counters
+    copy = EpisodeStats(3)
+    copy.load_state_dict(state)
+    assert copy.scalars(TASKS)["train/return/reach-v3"] == 10.0
