@@ -109,14 +109,22 @@ def _lookup(config: dict, dotted: str) -> object:
     return node
 
 
-def read_config(path: Path) -> tuple[dict | None, str | None]:
-    """(config, None), or (None, reason) for a missing, unreadable, empty or non-mapping file."""
+def _read_nonempty_text(path: Path) -> tuple[str | None, str | None]:
+    """(text, None), or (None, reason) for a missing, unreadable or empty file."""
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as error:
         return None, f"cannot read {path.name}: {error}"
     if not text.strip():
         return None, f"{path.name} is empty"
+    return text, None
+
+
+def read_config(path: Path) -> tuple[dict | None, str | None]:
+    """(config, None), or (None, reason) for a missing, unreadable, empty or non-mapping file."""
+    text, reason = _read_nonempty_text(path)
+    if text is None:
+        return None, reason
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -136,12 +144,9 @@ def read_metrics(path: Path) -> tuple[list[dict] | None, str | None]:
     When a step appears twice (a run resumed from a checkpoint evaluates it
     again), the later line is kept.
     """
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as error:
-        return None, f"cannot read {path.name}: {error}"
-    if not text.strip():
-        return None, f"{path.name} is empty"
+    text, reason = _read_nonempty_text(path)
+    if text is None:
+        return None, reason
     lines = text.split("\n")
     being_written = lines[-1]  # "" when the file ends with a newline
     rows = []
