@@ -22,6 +22,7 @@ from mtrl_ntk.agent import AgentConfig, MultiTaskSAC
 from mtrl_ntk.combiners import available_combiners, make_combiner
 from mtrl_ntk.opcount import count_ops
 from mtrl_ntk.replay import Batch
+from tests.agent.batches import random_batch
 
 TASKS, PER_TASK, OBS, ACTIONS = 3, 4, 5, 2
 CONFIG = AgentConfig(hidden_dim=8, num_layers=2, task_embedding_dim=4)
@@ -46,14 +47,7 @@ def make_agent(name: str, compile: bool = False, backend: str = "aot_eager",
 
 
 def make_batch(seed: int) -> Batch:
-    generator = torch.Generator().manual_seed(seed)
-    return Batch(
-        obs=torch.randn(TASKS, PER_TASK, OBS, generator=generator),
-        action=torch.rand(TASKS, PER_TASK, ACTIONS, generator=generator) * 2 - 1,
-        reward=torch.randn(TASKS, PER_TASK, generator=generator),
-        next_obs=torch.randn(TASKS, PER_TASK, OBS, generator=generator),
-        done=(torch.rand(TASKS, PER_TASK, generator=generator) < 0.1).float(),
-    )
+    return random_batch(TASKS, PER_TASK, OBS, ACTIONS, seed)
 
 
 def assert_same_state(got: object, expected: object, path: str = "state") -> None:

@@ -15,20 +15,15 @@ from mtrl_ntk.agent import ARCHITECTURES, AgentConfig, MultiTaskSAC
 from mtrl_ntk.agent.models import TaskMLP
 from mtrl_ntk.combiners import available_combiners, make_combiner
 from mtrl_ntk.replay import Batch
+from tests.agent.batches import random_batch
 
 TASKS, PER_TASK, OBS, ACTIONS = 2, 3, 3, 2
 TINY = {"hidden_dim": 8, "num_layers": 1, "task_embedding_dim": 4}
 
 
 def make_batch(tasks: int = TASKS, per_task: int = PER_TASK, seed: int = 0) -> Batch:
-    generator = torch.Generator().manual_seed(seed)
-    return Batch(
-        obs=torch.randn(tasks, per_task, OBS, generator=generator),
-        action=torch.rand(tasks, per_task, ACTIONS, generator=generator) * 2 - 1,
-        reward=torch.randn(tasks, per_task, generator=generator),
-        next_obs=torch.randn(tasks, per_task, OBS, generator=generator),
-        done=(torch.arange(tasks * per_task) % 2).float().view(tasks, per_task),
-    )
+    done = (torch.arange(tasks * per_task) % 2).float().view(tasks, per_task)
+    return random_batch(tasks, per_task, OBS, ACTIONS, seed, done=done)
 
 
 def make_agent(
