@@ -5,7 +5,8 @@ graph (it breaks the graph on purpose, around its no-grad section), its
 ``capturable`` mode refuses CPU tensors, and its fused kernel does not pass
 through AOTAutograd's functionalisation. ``CapturableAdam`` is the same
 algorithm (Kingma & Ba 2015, as ``torch.optim.Adam`` with ``amsgrad=False`` and
-no weight decay) written with ``torch._foreach_*`` ops on tensors it owns:
+no weight decay) written with multi-tensor ops (``mtrl_ntk.foreach``: ``torch._foreach_*``
+kernels, or one op per tensor under vmap over a seed axis) on tensors it owns:
 
 - the step count and the learning rate are 0-d device tensors, so nothing is
   read on the host and a schedule can change the rate in place;
@@ -28,6 +29,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from mtrl_ntk import foreach
 
 
 class CapturableAdam:
@@ -68,20 +71,19 @@ class CapturableAdam:
         self.step_count.add_(keep)
         # m ← β₁ m + (1 - β₁) g and v ← β₂ v + (1 - β₂) g², or unchanged when skipped
         # (the gradients are 0 then, and the decay factors 1).
-        torch._foreach_mul_(self.exp_avg, 1.0 - (1.0 - beta1) * keep)
-        torch._foreach_add_(self.exp_avg, grads, alpha=1.0 - beta1)
-        torch._foreach_mul_(self.exp_avg_sq, 1.0 - (1.0 - beta2) * keep)
-        torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, value=1.0 - beta2)
+        foreach.mul_(self.exp_avg, 1.0 - (1.0 - beta1) * keep)
+        foreach.add_(self.exp_avg, grads, alpha=1.0 - beta1)
+        foreach.mul_(self.exp_avg_sq, 1.0 - (1.0 - beta2) * keep)
+        foreach.addcmul_(self.exp_avg_sq, grads, grads, value=1.0 - beta2)
         # θ ← θ - lr / (1 - β₁ᵗ) · m / (sqrt(v / (1 - β₂ᵗ)) + ε), as torch.optim.Adam.
         steps = self.step_count.clamp_min(1.0)  # t = 0 only while every step was skipped
         bias_correction1 = 1.0 - torch.pow(beta1, steps)
         bias_correction2_sqrt = (1.0 - torch.pow(beta2, steps)).sqrt()
-        denominators = torch._foreach_sqrt(self.exp_avg_sq)
-        torch._foreach_div_(denominators, bias_correction2_sqrt)
-        torch._foreach_add_(denominators, self.eps)
-        updates = torch._foreach_div(self.exp_avg, denominators)
-        torch._foreach_mul_(updates, -self.lr / bias_correction1 * keep)
-        torch._foreach_add_(self.params, updates)
+        updates = foreach.adam_directions(
+            self.exp_avg, self.exp_avg_sq, bias_correction2_sqrt, self.eps
+        )
+        foreach.mul_(updates, -self.lr / bias_correction1 * keep)
+        foreach.add_(self.params, updates)
 
     def state_tensors(self) -> list[Tensor]:
         return [self.step_count, self.lr, *self.exp_avg, *self.exp_avg_sq]

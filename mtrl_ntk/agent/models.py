@@ -197,6 +197,7 @@ class TaskMLP(nn.Module):
             raise ValueError(f"num_layers must be >= 1 (z is a hidden layer), got {num_layers}")
         specific_trunk = arch == "independent"
         specific_head = arch in ("multihead", "independent")
+        self.hidden_dim = hidden_dim
         widths = [input_dim] + [hidden_dim] * num_layers
         self.hidden = nn.ModuleList(
             make_linear(specific_trunk, num_tasks, fan_in, fan_out)
@@ -274,12 +275,22 @@ class Actor(_TaskSpecificNames):
         )
         self._collect_task_specific()
 
+    @property
+    def representation_dim(self) -> int:
+        """The width of z."""
+        return self.mlp.hidden_dim
+
     def forward(
-        self, obs: Tensor, task_ids: Tensor, task_encoding: Tensor | None = None
+        self, obs: Tensor, task_ids: Tensor, task_encoding: Tensor | None = None,
+        representation_offset: Tensor | None = None,
     ) -> ActorOutput:
-        """``task_encoding`` [B, E]: the critic's task encoding, detached (task_encoder only)."""
+        """``task_encoding`` [B, E]: the critic's task encoding, detached (task_encoder only).
+        ``representation_offset`` [B, h] (zeros) is added to z: differentiating with respect
+        to it gives ∂ℓ/∂z under ``torch.func`` (NTKMTL-SR in a seed group)."""
         inputs = self.conditioning(obs, task_ids, task_encoding)
         representation = self.mlp.trunk(inputs, task_ids)  # [B, h]
+        if representation_offset is not None:
+            representation = representation + representation_offset
         mean, raw_log_std = self.mlp.head(representation, task_ids).chunk(2, dim=-1)
         log_std = squash_log_std(raw_log_std, self.log_std_min, self.log_std_max)
         return ActorOutput(mean, log_std, representation)
@@ -356,17 +367,26 @@ class TwinCritic(_TaskSpecificNames):
         """The task encoding [B, E] of the critic's TaskEncoder (None without one)."""
         return None if self.task_encoder is None else self.task_encoder(task_ids)
 
+    @property
+    def representation_dim(self) -> int:
+        """The width of z = [z₁, z₂]."""
+        return 2 * self.hidden_dim
+
     def forward(
-        self, obs: Tensor, action: Tensor, task_ids: Tensor, task_encoding: Tensor | None = None
+        self, obs: Tensor, action: Tensor, task_ids: Tensor, task_encoding: Tensor | None = None,
+        representation_offset: Tensor | None = None,
     ) -> CriticOutput:
         """``task_encoding`` [B, E] replaces the critic's own encoding (``task_encoder`` only):
-        the actor loss and the TD target pass the detached encoding, as mtrl does."""
+        the actor loss and the TD target pass the detached encoding, as mtrl does.
+        ``representation_offset`` [B, 2h]: as ``Actor.forward``'s."""
         if task_encoding is None and self.task_encoder is not None:
             task_encoding = self.task_encoder(task_ids)
         inputs = self.conditioning(torch.cat([obs, action], dim=-1), task_ids, task_encoding)
         representation = torch.cat(
             [self.q1.trunk(inputs, task_ids), self.q2.trunk(inputs, task_ids)], dim=-1
         )  # [B, 2h]
+        if representation_offset is not None:
+            representation = representation + representation_offset
         z1, z2 = representation.split(self.hidden_dim, dim=-1)
         q1 = self.q1.head(z1, task_ids).squeeze(-1)
         q2 = self.q2.head(z2, task_ids).squeeze(-1)

@@ -65,6 +65,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from mtrl_ntk import foreach
 from mtrl_ntk.agent.models import Actor, TwinCritic, check_architecture, tanh_gaussian_sample
 from mtrl_ntk.combiners.base import GradientCombiner, make_combiner
 from mtrl_ntk.compilation import MaybeCompiled
@@ -224,6 +225,9 @@ class MultiTaskSAC:
             self.critic, num_tasks, self.critic.is_task_specific
         )
         self.actor_engine = TaskGradientEngine(self.actor, num_tasks, self.actor.is_task_specific)
+        # State whose shape depends on d is allocated now, so that _state_tensors is complete.
+        self.critic_combiner.prepare(self.critic_engine.shared_dim, self.device)
+        self.actor_combiner.prepare(self.actor_engine.shared_dim, self.device)
         self.health = UpdateHealth(num_tasks, self.device)
         # The same function objects at every update, so that compiled code is reused.
         self._critic_loss_fn = self.critic_loss
@@ -269,11 +273,18 @@ class MultiTaskSAC:
     def act(self, obs: Tensor, deterministic: bool) -> Tensor:
         """Actions [T, A] for one observation per task (row i = task i): tanh(μ) or a sample."""
         obs = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+        noise = None if deterministic else torch.randn(
+            (obs.shape[0], self.action_dim), generator=self.generator, device=self.device
+        )
+        return self.act_with_noise(obs, noise)
+
+    @torch.no_grad()
+    def act_with_noise(self, obs: Tensor, noise: Tensor | None) -> Tensor:
+        """``act`` with its Gaussian noise [T, A] given (None: deterministic), RNG-free."""
         task_ids = torch.arange(obs.shape[0], device=self.device)
         mean, log_std, _ = self.actor(obs, task_ids, self.task_encoding(task_ids))
-        if deterministic:
+        if noise is None:
             return torch.tanh(mean)
-        noise = torch.randn(mean.shape, generator=self.generator, device=self.device)
         action, _ = tanh_gaussian_sample(mean, log_std, noise)
         return action
 
@@ -284,7 +295,8 @@ class MultiTaskSAC:
     ) -> tuple[Tensor, Tensor]:
         """Per-sample (Q₁ - y)² + (Q₂ - y)² [B] and the critic's representation [B, 2h]."""
         q1, q2, representation = functional_call(
-            self.critic, params, (batch["obs"], batch["action"], batch["task_ids"])
+            self.critic, params, (batch["obs"], batch["action"], batch["task_ids"]),
+            {"representation_offset": batch.get("representation_offset")},
         )
         target = batch["target_q"]
         return (q1 - target).square() + (q2 - target).square(), representation
@@ -303,7 +315,8 @@ class MultiTaskSAC:
         """
         encoding = batch.get("task_encoding")
         mean, log_std, representation = functional_call(
-            self.actor, params, (batch["obs"], batch["task_ids"], encoding)
+            self.actor, params, (batch["obs"], batch["task_ids"], encoding),
+            {"representation_offset": batch.get("representation_offset")},
         )
         action, log_prob = tanh_gaussian_sample(mean, log_std, batch["noise"])
         q1, q2, _ = functional_call(
@@ -452,9 +465,15 @@ class MultiTaskSAC:
         actor_ok = critic_ok & actor_result.finite
 
         # Temperature.
-        alpha_per_sample = self.log_alpha.exp().expand(num_tasks).unsqueeze(1)  # [T, 1]
-        alpha_loss = (alpha_per_sample * (-log_prob - self.target_entropy)).mean()
-        (alpha_grad,) = torch.autograd.grad(alpha_loss, [self.log_alpha])
+        def temperature_loss(log_alpha: Tensor) -> Tensor:
+            alpha_per_sample = log_alpha.exp().expand(num_tasks).unsqueeze(1)  # [T, 1]
+            return (alpha_per_sample * (-log_prob - self.target_entropy)).mean()
+
+        if foreach.in_seed_axis():  # under vmap over seeds: autograd.grad does not run there
+            alpha_grad, alpha_loss = torch.func.grad_and_value(temperature_loss)(self.log_alpha)
+        else:
+            alpha_loss = temperature_loss(self.log_alpha)
+            (alpha_grad,) = torch.autograd.grad(alpha_loss, [self.log_alpha])
         applied = actor_ok & torch.isfinite(alpha_loss) & torch.isfinite(alpha_grad).all()
         self.alpha_optimizer.step([alpha_grad], applied)
 
@@ -501,12 +520,14 @@ class MultiTaskSAC:
         """Polyak averaging θ̄ ← θ̄ + τ (θ - θ̄) of every critic parameter (where ``apply``)."""
         targets = list(self.critic_target.parameters())
         sources = list(self.critic.parameters())
-        if apply is None:
+        if apply is None and not foreach.in_seed_axis():
             torch._foreach_lerp_(targets, sources, self.cfg.tau)
             return
-        differences = torch._foreach_sub(sources, targets)
-        torch._foreach_mul_(differences, self.cfg.tau * apply.to(targets[0].dtype))
-        torch._foreach_add_(targets, differences)
+        if apply is None:
+            apply = torch.ones((), dtype=torch.bool, device=targets[0].device)
+        differences = foreach.sub(sources, targets)
+        foreach.mul_(differences, self.cfg.tau * apply.to(targets[0].dtype))
+        foreach.add_(targets, differences)
 
     # -- checkpoints ---------------------------------------------------------------------
 

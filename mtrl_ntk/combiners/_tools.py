@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mtrl_ntk import foreach
 from mtrl_ntk.combiners.base import TaskStats
 
 # Floor on per-task losses for the methods that divide by a loss or take its
@@ -98,12 +99,18 @@ def adam_step(
     if weight_decay != 0.0:
         grad = grad + weight_decay * param
     exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    if foreach.in_seed_axis():  # under vmap: addcmul_ and addcdiv_ have no batching rule
+        exp_avg_sq.mul_(beta2).add_(grad * grad, alpha=1.0 - beta2)
+    else:
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     step = step.to(torch.float64)  # float ** int-tensor would give the default dtype
     bias_correction1 = 1.0 - torch.pow(beta1, step)
     bias_correction2 = 1.0 - torch.pow(beta2, step)
     denom = (exp_avg_sq.sqrt() / bias_correction2.sqrt()).add_(eps)
-    param.addcdiv_(exp_avg * (-lr / bias_correction1), denom)
+    if foreach.in_seed_axis():
+        param.add_(exp_avg * (-lr / bias_correction1) / denom)
+    else:
+        param.addcdiv_(exp_avg * (-lr / bias_correction1), denom)
 
 
 def stats_device(stats: TaskStats, default: torch.device | None = None) -> torch.device:

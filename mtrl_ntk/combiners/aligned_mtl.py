@@ -68,9 +68,7 @@ def alignment_of(gramian: Tensor, scale_mode: str) -> Alignment:
     # The r largest are the nonzero ones: the null ones are at rounding level,
     # ~(eps max‖g‖)², far below (min‖g‖)² · θ_min(C) for norms spanning 1e-4..1e4.
     order = squared.argsort(descending=True)
-    kept = torch.empty_like(order).scatter_(
-        0, order, torch.arange(gramian.shape[0], device=gramian.device)
-    ) < rank
+    kept = order.argsort() < rank  # the inverse permutation: each task's place in the order
     singular = squared.sqrt()
     ascending = torch.where(kept, squared, torch.inf).sort().values
     if scale_mode == "min":

@@ -128,6 +128,10 @@ class GradientCombiner(ABC):
     def update_after_step(self, losses_after: Tensor) -> None:  # noqa: B027 - optional hook
         """Per-task losses [T] recomputed after the update (only with Need.LOSSES_AFTER_STEP)."""
 
+    def prepare(self, shared_dim: int, device: torch.device) -> None:  # noqa: B027 - optional
+        """Allocate the state whose shape depends on d (``shared_dim``) on ``device``, before
+        the first update (draws nothing): ``state_tensors`` is complete afterwards."""
+
     def draw_random(self, shared_dim: int, device: torch.device) -> Tensor | None:
         """Random numbers for the next ``combine``, drawn eagerly from the combiner's own
         generator (``shared_dim`` = d, the number of shared parameters); None if it needs none.

@@ -79,7 +79,7 @@ class DynamicWeightAverage(GradientCombiner):
         weights = torch.where(self.history_count >= 2, ratio_weights, torch.ones_like(losses))
         history[0].copy_(history[1])
         history[1].copy_(losses)
-        self.history_count.add_(1).clamp_(max=2)
+        self.history_count.copy_((self.history_count + 1).clamp(max=2))
         return CombinerOutput(
             weights=weights, diagnostics={"weights": weights, "nonpositive_losses": nonpositive}
         )

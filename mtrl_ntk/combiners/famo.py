@@ -149,7 +149,9 @@ class FAMO(GradientCombiner):
             "exp_avg": self.exp_avg.clone(),
             "exp_avg_sq": self.exp_avg_sq.clone(),
             "adam_steps": self.adam_steps.clone(),
-            "losses_before": self.losses_before.clone() if self._combined else None,
+            # Always the tensor (initially ones), not None before the first combine: in a seed
+            # group (mtrl_ntk.agent.seeds) only the template's Python flag sees the combines.
+            "losses_before": self.losses_before.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mtrl_ntk import foreach
 from mtrl_ntk.combiners._tools import ReproducibleGenerator, task_gradients
 from mtrl_ntk.combiners.base import (
     CombinerOutput,
@@ -30,7 +31,10 @@ def sign_dropout(grads: Tensor, uniform: Tensor) -> Tensor:
     # Selecting between the two sums is the masked sum without forming the [T, d] mask.
     buffer = torch.clamp(grads, min=0)  # [T, d], reused for the negative parts
     positive = buffer.sum(dim=0)  # [d]
-    negative = torch.clamp(grads, max=0, out=buffer).sum(dim=0)  # [d]
+    if foreach.in_seed_axis():  # under vmap: no out= argument
+        negative = torch.clamp(grads, max=0).sum(dim=0)
+    else:
+        negative = torch.clamp(grads, max=0, out=buffer).sum(dim=0)  # [d]
     total, total_abs = positive + negative, positive - negative
     signed_fraction = total / total_abs.clamp_min(torch.finfo(grads.dtype).tiny)
     # A coordinate where every g_i is 0 gets P = ½; it contributes 0 either way.

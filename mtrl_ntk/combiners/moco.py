@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mtrl_ntk import foreach
 from mtrl_ntk.combiners._tools import is_real, load_into, positive_losses, task_gradients
 from mtrl_ntk.combiners.base import (
     CombinerOutput,
@@ -95,13 +96,17 @@ class MoCo(GradientCombiner):
 
     def draw_random(self, shared_dim: int, device: torch.device) -> None:
         """Draws nothing; allocates y [T, d] on ``device`` the first time (see the class doc)."""
+        self.prepare(shared_dim, device)
+        return None
+
+    def prepare(self, shared_dim: int, device: torch.device) -> None:
+        """Allocates y [T, d] on ``device`` (once; again only on another device)."""
         if self.tracked_gradients is None or self.tracked_gradients.device != torch.device(device):
             dtype = (
                 torch.get_default_dtype() if self.tracked_gradients is None
                 else self.tracked_gradients.dtype
             )
             self._allocate(shared_dim, torch.device(device), dtype)
-        return None
 
     def to(self, device: torch.device | str) -> MoCo:
         device = torch.device(device)
@@ -128,7 +133,10 @@ class MoCo(GradientCombiner):
 
         # y ← y - β (y - h) = (1 - β) y + β h, in place and without forming h: [T, d] is large.
         tracked = self._allocate(grads.shape[1], grads.device, grads.dtype)
-        tracked.mul_(1.0 - self.beta).addcmul_(grads, (self.beta * scale).unsqueeze(1))
+        if foreach.in_seed_axis():  # under vmap: addcmul_ has no batching rule
+            tracked.mul_(1.0 - self.beta).add_(grads * (self.beta * scale).unsqueeze(1))
+        else:
+            tracked.mul_(1.0 - self.beta).addcmul_(grads, (self.beta * scale).unsqueeze(1))
 
         if self.task_weights.device != grads.device:  # eager convenience; after to(), never
             self.task_weights = self.task_weights.to(grads.device)

@@ -9,13 +9,13 @@ instead of the T full backward passes of the research code.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from mtrl_ntk import foreach
 from mtrl_ntk.combiners.base import CombinerOutput, GradientCombiner, Need, TaskStats
 
 # loss_fn(params, batch) -> (per-sample losses [B], shared representation z [B, h] or None).
@@ -96,6 +96,10 @@ class TaskJacobian:
         total = None
         for block in self.blocks.values():
             rows = block.reshape(size, -1)
+            if foreach.in_seed_axis():  # under vmap: no in-place sum into an unbatched zero
+                product = rows @ rows.T
+                total = product if total is None else total + product
+                continue
             if total is None:
                 total = rows.new_zeros(size, size)
             _add_row_products(total, rows)
@@ -134,7 +138,7 @@ class TaskJacobian:
 def _add_row_products(total: Tensor, rows: Tensor) -> None:
     """total += rows @ rows.T for rows [R, k], in cache-sized column chunks where that is faster."""
     num_rows, width = rows.shape
-    if rows.device.type != "cpu" or num_rows > _CHUNKED_PRODUCT_MAX_ROWS:
+    if rows.device.type != "cpu" or num_rows > _CHUNKED_PRODUCT_MAX_ROWS or foreach.in_seed_axis():
         total.addmm_(rows, rows.T)
         return
     step = max(1, _CHUNK_ELEMENTS // num_rows)
@@ -168,8 +172,7 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
     """
     if not tensors:
         return torch.tensor(True)  # nothing to check (no device to put it on either)
-    max_norms = torch._foreach_norm(tensors, ord=math.inf)
-    return torch.isfinite(torch.stack(max_norms)).all()
+    return torch.isfinite(foreach.max_norms(tensors)).all()
 
 
 def per_task_jacobian(
@@ -313,8 +316,16 @@ class TaskGradientEngine:
         random: Tensor | None,
     ) -> tuple[list[Tensor], EngineResult]:
         num_tasks, per_task = group_batch(batch, self.num_tasks)
-        losses, _ = _flat_forward(loss_fn, self.params, batch)
-        task_losses = losses.view(num_tasks, per_task).mean(dim=1)  # [T]
+
+        def task_losses_of(params: dict[str, Tensor]) -> Tensor:
+            losses, _ = _flat_forward(loss_fn, params, batch)
+            return losses.view(num_tasks, per_task).mean(dim=1)  # [T]
+
+        pullback = None
+        if foreach.in_seed_axis():  # under vmap over seeds: torch.func, not autograd.grad
+            task_losses, pullback = torch.func.vjp(task_losses_of, self.params)
+        else:
+            task_losses = task_losses_of(self.params)
         stats = TaskStats(num_tasks=num_tasks, losses=task_losses.detach(), random=random)
         device = task_losses.device
         if combiner.need & _JACOBIAN_NEEDS:
@@ -332,7 +343,7 @@ class TaskGradientEngine:
                 weights=torch.ones(num_tasks, dtype=torch.float64, device=device),
                 diagnostics={**output.diagnostics, "direction": "no shared parameters"},
             )
-        return self._backward_weighted(task_losses, output)
+        return self._backward_weighted(task_losses, output, pullback)
 
     def _representation_path(
         self, loss_fn: LossFn, batch: dict[str, Tensor], combiner: GradientCombiner,
@@ -344,6 +355,8 @@ class TaskGradientEngine:
             raise ValueError(
                 f"{per_task} samples per task cannot be split into {n} equal mini-batches"
             )
+        if foreach.in_seed_axis():
+            return self._representation_path_func(loss_fn, batch, combiner, random)
         losses, representation = loss_fn(self.params, _reshape_leading(batch, num_tasks * per_task))
         if representation is None:
             raise ValueError(
@@ -366,6 +379,54 @@ class TaskGradientEngine:
         )
         output = self._combine(combiner, stats, has_jacobian=False)
         return self._backward_weighted(task_losses, output)
+
+    def _representation_path_func(
+        self, loss_fn: LossFn, batch: dict[str, Tensor], combiner: GradientCombiner,
+        random: Tensor | None,
+    ) -> tuple[list[Tensor], EngineResult]:
+        """``_representation_path`` with ``torch.func`` (under vmap over seeds).
+
+        ∂ℓ/∂z is the gradient with respect to a zero ``representation_offset`` added to z
+        (the model's forward takes it); the weighted loss then needs a second forward,
+        as ``torch.func`` cannot reuse one forward for two sets of inputs.
+        """
+        num_tasks, per_task = group_batch(batch, self.num_tasks)
+        n = combiner.num_minibatches
+        flat = _reshape_leading(batch, num_tasks * per_task)
+
+        def minibatch_losses_of(
+            params: dict[str, Tensor], offset: Tensor | None
+        ) -> Tensor:  # [T, n]
+            losses, _ = loss_fn(params, {**flat, "representation_offset": offset})
+            return losses.view(num_tasks, n, per_task // n).mean(dim=2)
+
+        width = getattr(self.module, "representation_dim", None)
+        if width is None:
+            raise ValueError(
+                f"combiner {combiner.name!r} in a seed group needs the module's "
+                "representation_dim and a representation_offset argument"
+            )
+        reference = next(iter(self.params.values()))
+        offset = torch.zeros(
+            num_tasks * per_task, width, dtype=reference.dtype, device=reference.device
+        )
+        minibatch_losses, pullback_z = torch.func.vjp(
+            lambda offset: minibatch_losses_of(self.params, offset), offset
+        )
+        (z_grad,) = pullback_z(torch.ones_like(minibatch_losses))
+        representation_jacobian = z_grad.reshape(num_tasks, n, per_task // n, -1).sum(dim=2)
+        stats = TaskStats(
+            num_tasks=num_tasks,
+            num_minibatches=n,
+            losses=minibatch_losses.mean(dim=1).detach(),
+            representation_jacobian=representation_jacobian.detach(),
+            random=random,
+        )
+        output = self._combine(combiner, stats, has_jacobian=False)
+        task_losses, pullback = torch.func.vjp(
+            lambda params: minibatch_losses_of(params, None).mean(dim=1), self.params
+        )
+        return self._backward_weighted(task_losses, output, pullback)
 
     def _jacobian_path(
         self, loss_fn: LossFn, batch: dict[str, Tensor], combiner: GradientCombiner,
@@ -426,12 +487,18 @@ class TaskGradientEngine:
         return output
 
     def _backward_weighted(
-        self, task_losses: Tensor, output: CombinerOutput
+        self, task_losses: Tensor, output: CombinerOutput, pullback: Callable | None = None
     ) -> tuple[list[Tensor], EngineResult]:
+        """The gradient of Σ_i w_i ℓ_i: by autograd, or by ``pullback`` (the ``torch.func.vjp``
+        of the task losses with respect to ``self.params``) under vmap over seeds."""
         assert output.weights is not None
         weights = weights_like(output.weights, task_losses)
         params = list(self.params.values())
-        grads = torch.autograd.grad((weights * task_losses).sum(), params, allow_unused=True)
+        if pullback is not None:
+            (by_name,) = pullback(weights)
+            grads = [by_name[name] for name in self.params]
+        else:
+            grads = torch.autograd.grad((weights * task_losses).sum(), params, allow_unused=True)
         ordered = [
             torch.zeros_like(param) if grad is None else grad for param, grad in zip(params, grads)
         ]
