@@ -1,7 +1,7 @@
 """Train one multi-task SAC agent on Meta-World (MT10 by default) with a gradient combiner.
 
     python run_mt10.py combiner=ntkmtl seed=0          # one paper-scale run
-    python run_mt10.py combiner=ntkmtl seed=0..9       # ten seeds: a Hydra multirun
+    python run_mt10.py combiner=ntkmtl seed=0..9       # ten seeds side by side in one process
     python run_mt10.py experiment=smoke combiner=ls    # the same code, small, in under a minute
     python run_mt10.py combiner=ntkmtl seed=0 resume=true  # continue a killed run
 

@@ -338,12 +338,15 @@ class CheckpointManager:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def latest(self) -> Checkpoint | None:
-        """The newest checkpoint whose file and replay segments are complete and readable.
+    def latest(self, at_most: int | None = None) -> Checkpoint | None:
+        """The newest checkpoint whose file and replay segments are complete and readable
+        (of a step <= ``at_most``, if given: a seed group resumes all seeds at one step).
 
         Unreadable newer ones are reported on stderr and passed over.
         """
         for path in reversed(self.checkpoint_paths()):
+            if at_most is not None and _step_of(path) > at_most:
+                continue
             try:
                 state = _load_torch(path)
                 if state.get("format") != FORMAT_VERSION:

@@ -21,14 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mtrl_ntk.agent import ARCHITECTURES, AgentConfig
 from mtrl_ntk.combiners import GradientCombiner, available_combiners, combiner_class, make_combiner
 from mtrl_ntk.envs import BACKENDS, BENCHMARK_TASKS, PROTOCOLS, Protocol
 
 _TOP_LEVEL_KEYS = {
-    "combiner", "env", "protocol", "agent", "seed", "device", "name", "train", "resume", "debug",
+    "combiner", "env", "protocol", "agent", "seed", "seeds", "seed_group", "device", "name",
+    "train", "resume", "debug",
 }
 _ENV_KEYS = {"benchmark", "vector_strategy", "backend"}
 _VECTOR_STRATEGIES = ("async", "sync")
@@ -61,15 +62,20 @@ def _unknown_choice(what: str, value: Any, valid: Sequence[str]) -> ConfigError:
 
 
 def expand_integer_ranges(argv: Sequence[str]) -> list[str]:
-    """Rewrite ``key=A..B`` (inclusive integer range) into Hydra's ``key=range(A,B+1)`` sweep.
+    """Rewrite ``key=A..B`` (inclusive integer range) into Hydra's ``key=range(A,B+1)`` sweep,
+    and ``seed=A..B`` into one job that trains those seeds side by side.
 
-    ``seed=0..9`` as typed becomes a multirun over the ten seeds: ``-m`` is
-    added when any range was rewritten and no Hydra mode flag (``-m``, ``--cfg``,
-    ``--info``, ...) is present. A range whose end is before its start is a
-    ConfigError.
+    ``seed=0..9`` as typed becomes ``seed=0 seeds=[0,...,9]``: one process, ten seeds
+    (mtrl_ntk/seed_group.py), each written to its own ``seed<k>`` run directory. With
+    ``seed_group=false`` on the command line it becomes a multirun over the ten seeds
+    instead (one job per seed: SLURM arrays, or a launcher's parallel jobs), as every other
+    key's range does: ``-m`` is added when a range became a sweep and no Hydra mode flag
+    (``-m``, ``--cfg``, ``--info``, ...) is present. A range whose end is before its start
+    is a ConfigError.
     """
     rewritten: list[str] = []
     expanded = False
+    grouped = "seed_group=false" not in {argument.lower() for argument in argv}
     for argument in argv:
         match = _INTEGER_RANGE.match(argument)
         if match is None:
@@ -80,6 +86,10 @@ def expand_integer_ranges(argv: Sequence[str]) -> list[str]:
             raise ConfigError(
                 f"empty range {argument!r}: {match['key']}=A..B needs A <= B (both ends included)"
             )
+        if match["key"] == "seed" and grouped:
+            seeds = ",".join(str(seed) for seed in range(first, last + 1))
+            rewritten += [f"seed={first}", f"seeds=[{seeds}]"]
+            continue
         rewritten.append(f"{match['key']}=range({first},{last + 1})")
         expanded = True
     # Hydra allows one mode flag: with --cfg, --info, ... the user asked for that mode instead.
@@ -267,6 +277,26 @@ def _integer(section: DictConfig | dict, key: str, prefix: str, minimum: int) ->
     return int(value)
 
 
+def seed_list(cfg: DictConfig) -> list[int] | None:
+    """The ``seeds`` of a seed group (``seed=A..B``), checked; None for a single-seed run."""
+    seeds = cfg.get("seeds")
+    if seeds is None:
+        return None
+    values = list(seeds) if isinstance(seeds, (list, ListConfig)) else None
+    if not values or any(
+        isinstance(seed, bool) or not isinstance(seed, int) or seed < 0 for seed in values
+    ) or len(set(values)) != len(values):
+        raise ConfigError(
+            f"seeds must be a non-empty list of distinct integers >= 0 (seed=A..B), got {seeds!r}"
+        )
+    if not _boolean(cfg, "seed_group", ""):
+        raise ConfigError(
+            "seeds=[...] trains the seeds in one process, which seed_group=false turns off; "
+            "use seed=A..B seed_group=false for one job per seed"
+        )
+    return [int(seed) for seed in values]
+
+
 def _optional_integer(
     section: DictConfig | dict, key: str, prefix: str, minimum: int
 ) -> int | None:
@@ -440,6 +470,7 @@ def build_run_spec(cfg: DictConfig) -> RunSpec:
         )
 
     seed = _integer(cfg, "seed", "", 0)
+    seed_list(cfg)  # checked here too, so that a group's config error comes before any work
     protocol = _protocol(cfg.protocol)
     if env_backend == "envpool":
         _check_envpool(protocol)

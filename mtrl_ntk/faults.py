@@ -102,11 +102,16 @@ class UpdateGuard:
 
     def update(self, batch: Batch, step: int) -> dict[str, Tensor]:
         """The update's metrics (skipped or not: ``metrics["finite"]`` says, on the device)."""
+        self.note_update(step)
+        return self.agent.update(batch)
+
+    def note_update(self, step: int) -> None:
+        """Remember that the agent's next update is made at ``step`` (a seed group updates
+        its agents itself and tells each agent's guard)."""
         if self._next_update is None:
             self._next_update = int(self.agent.health.updates)  # once per run (or resume)
         self._steps[self._next_update] = step
         self._next_update += 1
-        return self.agent.update(batch)
 
     def check(self, step: int) -> None:
         """Report the skips since the last check; stop the run after too many in a row."""

@@ -64,7 +64,7 @@ from mtrl_ntk.checkpoint import (
     config_differences,
     truncate_metrics,
 )
-from mtrl_ntk.config import ConfigError, RunSpec, build_run_spec, make_combiners
+from mtrl_ntk.config import ConfigError, RunSpec, build_run_spec, make_combiners, seed_list
 from mtrl_ntk.envs import (
     EnvWorkerError,
     Evaluator,
@@ -171,6 +171,27 @@ class MetricAccumulator:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.sums = {key: value.to(self.device) for key, value in state["sums"].items()}
         self.count = int(state["count"])
+
+
+def add_per_seed(windows: Sequence[MetricAccumulator], metrics: Mapping[str, Tensor]) -> None:
+    """Add a seed group's metrics [S, ...] into seed k's ``windows[k]``: one multi-tensor
+    addition for all seeds (after each window's first update)."""
+    per_seed = [{key: value[k] for key, value in metrics.items()} for k in range(len(windows))]
+    if any(not window.sums for window in windows):
+        for window, seed_metrics in zip(windows, per_seed, strict=True):
+            window.add(seed_metrics)
+        return
+    sums, values = [], []
+    for window, seed_metrics in zip(windows, per_seed, strict=True):
+        if seed_metrics.keys() != window.sums.keys():
+            raise ValueError(
+                f"metrics {sorted(seed_metrics)} differ from the window's {sorted(window.sums)}"
+            )
+        sums += window.sums.values()
+        values += [seed_metrics[key].detach() for key in window.sums]
+    torch._foreach_add_(sums, values)
+    for window in windows:
+        window.count += 1
 
 
 def metric_scalars(means: Mapping[str, np.ndarray], task_names: Sequence[str]) -> dict[str, float]:
@@ -291,8 +312,12 @@ class Trainer:
         run_dir: Path,
         checkpoint: Checkpoint | None = None,
         resume_hint: str = "the same command with resume=true",
+        *,
+        in_group: bool = False,
     ) -> None:
         self.spec = spec
+        # In a seed group (mtrl_ntk/seed_group.py) the group compiles and runs the update.
+        self.in_group = in_group
         self.run_dir = run_dir
         self.task_names = list(spec.task_names)
         self.step = 0  # steps of all T environments done so far
@@ -304,6 +329,8 @@ class Trainer:
         self.elapsed_offset = 0.0  # training seconds of earlier sessions (resumed runs)
         self.resumed_obs: np.ndarray | None = None  # [T, D] the checkpoint's next observation
         self._started: float | None = None
+        # The TensorBoard window: its start time, its first step, the evaluation seconds in it.
+        self._window = (0.0, 0, 0.0)
         self._checkpoint_due: int | None = None  # the step a periodic checkpoint is due at
         self.checkpoints = CheckpointManager(
             run_dir, spec.train.keep_checkpoints, kill_during=spec.debug.kill_during_checkpoint
@@ -335,7 +362,7 @@ class Trainer:
         self.agent = MultiTaskSAC(
             self.env.obs_dim, self.env.action_dim, spec.num_tasks, spec.agent,
             critic_combiner, actor_combiner, device, seed=noise_seed,
-            compile=spec.train.compile,
+            compile=spec.train.compile and not self.in_group,
         )
         self.sample_generator = torch.Generator(device=device)
         self.sample_generator.manual_seed(sample_seed)
@@ -452,67 +479,96 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train for ``train.num_steps`` steps; returns the final result (also in result.json)."""
         assert self.env is not None
-        spec, train = self.spec, self.spec.train
-        eval_every = spec.protocol.eval_every_steps
-        progress = tqdm(
-            total=train.num_steps, initial=self.step, unit="step", desc=spec.combiner_name,
-            disable=not train.progress_bar, file=sys.stderr, dynamic_ncols=True,
-            # Time-based refresh only: tqdm's adaptive miniters, tuned on the fast warm-up,
-            # would go quiet for minutes once the updates start.
-            mininterval=1.0 if sys.stderr.isatty() else 30.0, miniters=1,
-        )
-        started = time.perf_counter() - self.elapsed_offset
-        self._started = started
-        window_start, window_step, window_eval_seconds = time.perf_counter(), self.step, 0.0
-        every = train.checkpoint_every
-        self._checkpoint_due = (self.step // every + 1) * every if every else None
+        train = self.spec.train
+        progress = progress_bar(self.spec, self.step)
         stop = StopSignals()
         stop.install()
         try:
-            obs = self.env.reset()  # [T, D]
-            if self.resumed_obs is not None:
-                check_resumed_observation(obs, self.resumed_obs)
+            obs = self.begin()  # [T, D]
             while self.step < train.num_steps:
                 actions = self._actions(obs)  # [T, A]
                 # With async workers the T simulations of this step run while the learner
                 # updates on the transitions stored so far (see _maybe_update).
-                self.env.step_async(actions)
-                self.step += 1
+                self.send_actions(actions)
                 if train.overlap_env_step:
                     self._maybe_update()
-                result = self.env.step_wait()
-                done = result.terminated.astype(np.float32)  # time-limit ends are not terminal
-                self.buffer.add(obs, actions, result.reward, result.next_obs, done)
-                self.episodes.add(result)
-                obs = result.obs
+                obs = self.store_step(obs, actions)
                 if not train.overlap_env_step:
                     self._maybe_update()
                 progress.update(1)
-
-                if self.step % train.log_every == 0:
-                    now = time.perf_counter()
-                    steps_per_second = (self.step - window_step) / max(
-                        now - window_start - window_eval_seconds, 1e-9
-                    )
-                    self._log_window(steps_per_second)
-                    window_start, window_step, window_eval_seconds = now, self.step, 0.0
-                if self.step % eval_every == 0 or self.step == train.num_steps:
-                    eval_started = time.perf_counter()
-                    self._evaluate(elapsed=eval_started - started)
-                    window_eval_seconds += time.perf_counter() - eval_started
-                    progress.set_postfix(eval=f"{self.last_eval['eval/success_mean']:.2f}")
-                self._maybe_checkpoint(obs, stop)
-                if self.step == spec.debug.kill_at_step:  # test hook: a crash right here
-                    os.kill(os.getpid(), signal.SIGKILL)
+                self.end_step(obs, stop, progress)
         except EnvWorkerError as error:  # training or evaluation env
-            raise RunStopped(
-                f"{error} (step {self.step}); resume from the last checkpoint with: "
-                f"{self.resume_hint}"
-            ) from error
+            raise self.worker_stopped(error) from error
         finally:
             stop.uninstall()
             progress.close()
-        return self._finish(wall_seconds=time.perf_counter() - started)
+        return self._finish(wall_seconds=self.elapsed_seconds)
+
+    # The phases of one step, shared with the seed group's loop (mtrl_ntk/seed_group.py).
+
+    def begin(self) -> np.ndarray:
+        """Start (or continue) the clocks and the checkpoint schedule; the first observation."""
+        assert self.env is not None
+        self._started = time.perf_counter() - self.elapsed_offset
+        self._window = (time.perf_counter(), self.step, 0.0)  # start, step, eval seconds
+        every = self.spec.train.checkpoint_every
+        self._checkpoint_due = (self.step // every + 1) * every if every else None
+        obs = self.env.reset()  # [T, D]
+        if self.resumed_obs is not None:
+            check_resumed_observation(obs, self.resumed_obs)
+        return obs
+
+    def send_actions(self, actions: np.ndarray) -> None:
+        """Start this step's T simulations (async workers run them until ``store_step``)."""
+        assert self.env is not None
+        self.env.step_async(actions)
+        self.step += 1
+
+    def store_step(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """Finish the step: its T transitions into the replay buffer; the next observation."""
+        assert self.env is not None
+        result = self.env.step_wait()
+        done = result.terminated.astype(np.float32)  # time-limit ends are not terminal
+        self.buffer.add(obs, actions, result.reward, result.next_obs, done)
+        self.episodes.add(result)
+        return result.obs
+
+    def end_step(
+        self, obs: np.ndarray, stop: StopSignals, progress: Any = None, *, alone: bool = True
+    ) -> Path | None:
+        """Log, evaluate and checkpoint when due; returns the checkpoint written, if any.
+
+        ``alone`` (a single run): after a stop signal's checkpoint, stop; and the
+        ``debug.kill_at_step`` hook. A seed group does both once all its seeds' steps ended.
+        """
+        train = self.spec.train
+        if self.step % train.log_every == 0:
+            now = time.perf_counter()
+            window_start, window_step, window_eval_seconds = self._window
+            steps_per_second = (self.step - window_step) / max(
+                now - window_start - window_eval_seconds, 1e-9
+            )
+            self._log_window(steps_per_second)
+            self._window = (now, self.step, 0.0)
+        if self.step % self.spec.protocol.eval_every_steps == 0 or self.step == train.num_steps:
+            eval_started = time.perf_counter()
+            self._evaluate(elapsed=eval_started - (self._started or eval_started))
+            start, step, eval_seconds = self._window
+            self._window = (start, step, eval_seconds + time.perf_counter() - eval_started)
+            if progress is not None:
+                progress.set_postfix(eval=f"{self.last_eval['eval/success_mean']:.2f}")
+        path = self._maybe_checkpoint(obs, stop)
+        if alone:
+            if path is not None:
+                self.raise_if_stopped(stop, path)
+            kill_if_due(self.spec, self.step)
+        return path
+
+    def worker_stopped(self, error: EnvWorkerError) -> RunStopped:
+        return RunStopped(
+            f"{error} (step {self.step}); resume from the last checkpoint with: "
+            f"{self.resume_hint}"
+        )
 
     def _maybe_update(self) -> None:
         """This step's update, after the random warm-up; its metrics stay on the device.
@@ -538,19 +594,24 @@ class Trainer:
 
     def _update(self, batch: Any) -> dict[str, Tensor]:
         """One SAC update (skipped on the device when not finite)."""
-        debug = self.spec.debug
-        if debug.nan_at_step is not None and (
-            debug.nan_at_step <= self.step < debug.nan_at_step + debug.nan_steps
-        ):  # test hook: NaN rewards for one task
-            task = self.task_names.index(debug.nan_task) if debug.nan_task else 0
-            batch = poison_batch(batch, task)
+        batch = self.debug_batch(batch)
         if self.guard is None:
             return self.agent.update(batch)
         return self.guard.update(batch, self.step)
 
-    def _maybe_checkpoint(self, obs: np.ndarray, stop: StopSignals) -> None:
+    def debug_batch(self, batch: Any) -> Any:
+        """``batch``, with one task's rewards NaN at the steps of the ``debug.nan_at_step`` hook."""
+        debug = self.spec.debug
+        if debug.nan_at_step is not None and (
+            debug.nan_at_step <= self.step < debug.nan_at_step + debug.nan_steps
+        ):
+            task = self.task_names.index(debug.nan_task) if debug.nan_task else 0
+            return poison_batch(batch, task)
+        return batch
+
+    def _maybe_checkpoint(self, obs: np.ndarray, stop: StopSignals) -> Path | None:
         """Write a checkpoint when one is due (or a stop signal came) and every episode has
-        just ended; after a stop signal, stop the run."""
+        just ended; returns its path (None when none was written)."""
         assert self.env is not None and self.writer is not None
         due = self._checkpoint_due is not None and self.step >= self._checkpoint_due
         if not (due or stop.requested is not None) or not self.env.at_episode_start:
@@ -560,7 +621,7 @@ class Trainer:
                     "finds no episode start to be written at",
                     file=sys.stderr,
                 )
-            return
+            return None
         self._check_updates()  # a run that must stop for non-finite updates stops first
         self.writer.flush()  # TensorBoard up to this step is on disk before the checkpoint
         started = time.perf_counter()
@@ -571,6 +632,10 @@ class Trainer:
         self.checkpoints.seconds_this_session += time.perf_counter() - started
         every = self.spec.train.checkpoint_every
         self._checkpoint_due = (self.step // every + 1) * every if every else None
+        return path
+
+    def raise_if_stopped(self, stop: StopSignals, path: Path) -> None:
+        """After a stop signal, once checkpoint ``path`` is written: stop the run."""
         if stop.requested is not None and self.step < self.spec.train.num_steps:
             name = signal.Signals(stop.requested).name
             raise RunInterrupted(
@@ -664,6 +729,24 @@ class Trainer:
             self.env.close()
 
 
+def kill_if_due(spec: RunSpec, step: int) -> None:
+    """Test hook (``debug.kill_at_step``): SIGKILL this process at the end of that step."""
+    if step == spec.debug.kill_at_step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def progress_bar(spec: RunSpec, initial: int, desc: str | None = None) -> tqdm:
+    """The run's tqdm bar on stderr (disabled with ``train.progress_bar=false``)."""
+    return tqdm(
+        total=spec.train.num_steps, initial=initial, unit="step",
+        desc=desc or spec.combiner_name, disable=not spec.train.progress_bar, file=sys.stderr,
+        dynamic_ncols=True,
+        # Time-based refresh only: tqdm's adaptive miniters, tuned on the fast warm-up,
+        # would go quiet for minutes once the updates start.
+        mininterval=1.0 if sys.stderr.isatty() else 30.0, miniters=1,
+    )
+
+
 def _previous_result(run_dir: Path, resume: bool = False) -> dict[str, Any] | None:
     """The result of a run that already finished in ``run_dir``; a ConfigError for an
     unfinished one unless ``resume`` (its metrics would be mixed with this run's)."""
@@ -729,10 +812,17 @@ def train(
     was started with, it continues from its newest complete checkpoint (or from
     scratch if it has none), with ``metrics.jsonl`` and TensorBoard rolled back to
     that checkpoint's step. A deliberate stop raises :class:`RunStopped`.
+
+    With ``seeds`` (``seed=A..B``) the seeds train side by side in this process, each in
+    its own ``seed<k>`` directory next to ``run_dir`` (``mtrl_ntk.seed_group``).
     """
-    spec = build_run_spec(cfg)
     run_dir = Path.cwd() if run_dir is None else Path(run_dir)
     argv = list(sys.argv if argv is None else argv)
+    if seed_list(cfg) is not None:
+        from mtrl_ntk.seed_group import train_seed_group  # it builds on this module
+
+        return train_seed_group(cfg, run_dir, argv)
+    spec = build_run_spec(cfg)
     previous = _previous_result(run_dir, resume=spec.resume)
     if previous is not None:
         print(f"{run_dir} already holds a finished run: skipped", file=sys.stderr)

@@ -39,6 +39,13 @@ page faults for the engine's large temporary tensors) unless
     python scripts/bench_train.py --preset paper --steps 300 --combiner ntkmtl \\
         combiner.num_minibatches=4 --json
     python scripts/bench_train.py --preset paper --device cuda --json-out bench.json
+    python scripts/bench_train.py --preset smoke --seeds 10      # a seed group (seed=0..9)
+
+``--seeds S`` measures the loop of a seed group (``mtrl_ntk.seed_group``): S seeds'
+trainers in lock step, one policy call and one vmapped update for all of them
+(``update`` is that one call; the other phases add up every seed's). Steps/s are
+the group's (every seed advanced that many steps); ``seed_steps_per_second`` is S
+times it, and the projection is the time of all S seeds' runs.
 
 ``--json`` prints one JSON object on the last line of stdout instead of the table.
 """
@@ -217,6 +224,52 @@ def instrument(trainer: Any, clock: PhaseClock, skip_updates: int, warmup_steps:
                 clock.wrap(trainer, name, "checkpoint")
 
 
+def instrument_group(
+    group: Any, clock: PhaseClock, skip_updates: int, warmup_steps: int
+) -> None:
+    """``instrument`` for a seed group: the group's action and update calls, and every
+    seed's environment, replay buffer, logging, evaluation and checkpoint calls."""
+    import mtrl_ntk.seed_group as seed_group
+
+    first_measured_step = max(warmup_steps, 1) + skip_updates
+    original_actions = group._actions
+
+    @functools.wraps(original_actions)
+    def actions(observations: Any) -> Any:
+        if not clock.measuring and clock.window_start is None and (
+            group.step + 1 >= first_measured_step
+        ):
+            clock.start_window()
+        if clock.measuring:
+            clock.measured_steps += 1
+        with clock.phase("act"):
+            return original_actions(observations)
+
+    group._actions = actions
+    for present in ("act", "other"):
+        clock.present[present] = True
+    clock.wrap(group.group, "update", "update")
+    clock.wrap(group, "_maybe_update", "guard")
+    original_add = seed_group.add_per_seed
+
+    @functools.wraps(original_add)
+    def add_per_seed(*args: Any, **kwargs: Any) -> Any:
+        with clock.phase("metrics"):
+            return original_add(*args, **kwargs)
+
+    seed_group.add_per_seed = add_per_seed
+    clock.present["metrics"] = True
+    for trainer in group.trainers:
+        for attribute in ("step_async", "step_wait"):
+            clock.wrap(trainer.env, attribute, "env", count=attribute != "step_async")
+        clock.wrap(trainer.buffer, "add", "buffer_add")
+        clock.wrap(trainer.buffer, "sample", "sample")
+        clock.wrap(trainer, "_log_window", "log")
+        clock.wrap(trainer, "_evaluate", "eval")
+        clock.wrap(trainer, "_maybe_checkpoint", "checkpoint", count=False)
+        clock.wrap(trainer.checkpoints, "save", "checkpoint")
+
+
 def prebuild_evaluator(trainer: Any) -> float:
     """Build the evaluation env the first ``_evaluate`` would build; returns its seconds."""
     if getattr(trainer, "evaluator", "absent") is not None:
@@ -240,8 +293,10 @@ def measure(
     project_steps: int,
     sync_timers: bool,
     run_dir: Path | None,
+    seeds: int | None = None,
 ) -> dict[str, Any]:
     """Run the loop and return the breakdown (see the module docstring)."""
+    from mtrl_ntk.seed_group import SeedGroupTrainer, seed_config
     from mtrl_ntk.train import Trainer, seed_everything
 
     cfg = compose_config(preset, overrides)
@@ -265,25 +320,41 @@ def measure(
         run_dir.mkdir(parents=True, exist_ok=True)
         clock = PhaseClock(spec.device, sync_timers)
         setup_started = time.perf_counter()
-        trainer = Trainer(spec, run_dir)
+        trainers: list[Any] = []
         try:
-            evaluator_seconds = prebuild_evaluator(trainer)
+            if seeds is None:
+                trainers.append(Trainer(spec, run_dir))
+            else:
+                for seed in range(spec.seed, spec.seed + seeds):
+                    seed_everything(seed)
+                    seed_spec = build_run_spec(seed_config(cfg, seed))
+                    trainers.append(Trainer(seed_spec, run_dir / f"seed{seed}", in_group=True))
+            evaluator_seconds = sum(prebuild_evaluator(trainer) for trainer in trainers)
+            loop: Any = trainers[0]
+            if seeds is None:
+                instrument(loop, clock, skip_steps, warmup_steps)
+            else:
+                loop = SeedGroupTrainer(trainers, resume_hint="")
+                instrument_group(loop, clock, skip_steps, warmup_steps)
             setup_seconds = time.perf_counter() - setup_started
-            instrument(trainer, clock, skip_steps, warmup_steps)
             if spec.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(spec.device)
             run_started = time.perf_counter()
-            trainer.run()
+            loop.run()
             clock.stop_window()
             run_seconds = time.perf_counter() - run_started
         finally:
-            trainer.close()
+            for trainer in trainers:
+                trainer.close()
 
-    return summarise(
+    result = summarise(
         clock, spec, cfg, preset, overrides,
         log_every=log_every, checkpoint_every=checkpoint_every, project_steps=project_steps,
         setup_seconds=setup_seconds, evaluator_seconds=evaluator_seconds, run_seconds=run_seconds,
     )
+    result["seeds"] = 1 if seeds is None else seeds
+    result["seed_steps_per_second"] = result["seeds"] * result["steps_per_second"]
+    return result
 
 
 def summarise(
@@ -392,9 +463,11 @@ def print_table(result: dict[str, Any]) -> None:
         f"({result['device_name']}, {result['threads']} threads, {result['cpu_count']} cores, "
         f"allocator {'tuned' if result['tuned_allocator'] else 'default'})"
     )
+    seeds = result["seeds"]
+    group = f" of a {seeds}-seed group ({result['seed_steps_per_second']:.2f} seed-steps/s)"
     print(
         f"{result['measured_steps']} update steps in {result['wall_seconds']:.2f} s: "
-        f"{result['steps_per_second']:.2f} steps/s "
+        f"{result['steps_per_second']:.2f} steps/s{group if seeds > 1 else ''} "
         f"({result['steps_per_second_excluding_periodic']:.2f} without eval/log/checkpoint)"
     )
     print(f"{'phase':<11} {'ms/step':>9} {'share':>6} {'calls':>6} {'ms/call':>9}")
@@ -451,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="do not torch.cuda.synchronize around phases (overlap stays)")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="keep the run's files here (default: a temporary directory)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="measure a seed group of S seeds (seed .. seed+S-1) in one process")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -459,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     warmup = DEFAULT_WARMUP[args.preset] if args.warmup_steps is None else args.warmup_steps
     if steps < 1 or warmup < 0 or args.skip_steps < 0 or args.project_steps < 1:
         parser.error("need --steps >= 1, --warmup-steps >= 0, --skip-steps >= 0")
+    if args.seeds is not None and args.seeds < 1:
+        parser.error("--seeds must be >= 1")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
@@ -473,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = measure(
             args.preset, overrides, steps, warmup, args.skip_steps, args.project_steps,
-            sync_timers=not args.no_sync_timers, run_dir=args.run_dir,
+            sync_timers=not args.no_sync_timers, run_dir=args.run_dir, seeds=args.seeds,
         )
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -70,6 +70,27 @@ def test_smoke_preset_json_reports_every_phase_and_a_consistent_total(tmp_path: 
     assert row["steps_per_second"] == result["steps_per_second"]
 
 
+@pytest.mark.slow
+def test_a_seed_group_is_measured_as_one_loop_with_one_update_per_step() -> None:
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--preset", "smoke",
+         "--seeds", "2", "--steps", "6", "--warmup-steps", "3", "--skip-steps", "1",
+         "--threads", "1", "--json", "protocol.eval_every_steps=1000"],
+        capture_output=True, text=True, timeout=170, cwd=ROOT, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result["seeds"] == 2 and result["measured_steps"] == 6
+    assert result["seed_steps_per_second"] == pytest.approx(2 * result["steps_per_second"])
+    phases = result["phases"]
+    # One policy call and one update for both seeds per step; each seed's env and sample.
+    assert phases["act"]["calls"] == phases["update"]["calls"] == 6
+    assert phases["env"]["calls"] == phases["sample"]["calls"] == 12
+    assert phases["eval"]["calls"] == 2  # each seed's final evaluation
+    total = sum(phase["seconds"] for phase in phases.values())
+    assert total == pytest.approx(result["wall_seconds"], rel=1e-6)
+
+
 def test_unknown_override_key_fails_fast_with_one_line() -> None:
     completed = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--json",

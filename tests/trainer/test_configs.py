@@ -119,12 +119,24 @@ def test_run_directory_is_named_by_combiner_and_seed() -> None:
 # -- the command line ----------------------------------------------------------------------------
 
 
-def test_seed_range_becomes_a_multirun_over_every_seed_of_the_range() -> None:
+def test_seed_range_becomes_one_job_of_every_seed_of_the_range() -> None:
     assert expand_integer_ranges(["combiner=ntkmtl", "seed=0..9"]) == [
-        "-m", "combiner=ntkmtl", "seed=range(0,10)",
+        "combiner=ntkmtl", "seed=0", "seeds=[0,1,2,3,4,5,6,7,8,9]",
     ]
-    assert expand_integer_ranges(["seed=3..5"]) == ["-m", "seed=range(3,6)"]
-    assert expand_integer_ranges(["seed=0..2"]) == ["-m", "seed=range(0,3)"]
+    assert expand_integer_ranges(["seed=3..5"]) == ["seed=3", "seeds=[3,4,5]"]
+    # With other swept keys (a typed -m) each job of the sweep trains the whole group.
+    assert expand_integer_ranges(["-m", "combiner=ls,ntkmtl", "seed=0..1"]) == [
+        "-m", "combiner=ls,ntkmtl", "seed=0", "seeds=[0,1]",
+    ]
+
+
+def test_seed_range_without_seed_group_is_a_multirun_over_every_seed() -> None:
+    assert expand_integer_ranges(["seed_group=false", "seed=0..2"]) == [
+        "-m", "seed_group=false", "seed=range(0,3)",
+    ]
+    assert expand_integer_ranges(["seed=3..5", "seed_group=False"]) == [
+        "-m", "seed=range(3,6)", "seed_group=False",
+    ]
 
 
 def test_range_rewrite_keeps_an_explicit_multirun_flag_and_other_arguments() -> None:
@@ -132,7 +144,10 @@ def test_range_rewrite_keeps_an_explicit_multirun_flag_and_other_arguments() -> 
         "--multirun", "train.num_steps=range(1,3)",
     ]
     assert expand_integer_ranges(["seed=0..1", "--cfg", "job"]) == [
-        "seed=range(0,2)", "--cfg", "job",
+        "seed=0", "seeds=[0,1]", "--cfg", "job",
+    ]
+    assert expand_integer_ranges(["train.num_steps=1..2", "--cfg", "job"]) == [
+        "train.num_steps=range(1,3)", "--cfg", "job",
     ]
     untouched = ["seed=3", "hydra.run.dir=../runs..x", "agent.actor_lr=1e-3", "name=a..b"]
     assert expand_integer_ranges(untouched) == untouched
@@ -188,6 +203,10 @@ def test_valid_choices_pass() -> None:
         (["env.vector_strategy=threads"], r"unknown env.vector_strategy 'threads'"),
         (["protocol.max_episode_steps=501"], r"max_episode_steps"),
         (["agent.gamma=1.5"], r"gamma"),
+        (["seeds=[0,0]"], r"seeds must be a non-empty list of distinct integers"),
+        (["seeds=[]"], r"seeds must be a non-empty list"),
+        (["seeds=[1,-2]"], r"seeds must be .* >= 0"),
+        (["seeds=[0,1]", "seed_group=false"], r"seed_group=false"),
     ],
 )
 def test_invalid_settings_raise_one_line_naming_the_key(

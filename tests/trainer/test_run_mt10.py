@@ -94,22 +94,6 @@ def test_smoke_preset_trains_evaluates_and_logs_all_ten_tasks(
 
 
 @pytest.mark.slow
-def test_seed_range_runs_one_job_per_seed_in_its_own_directory(tmp_path: Path) -> None:
-    completed, _ = run_cli(
-        "experiment=smoke", "seed=0..2", "train.num_steps=6", "train.warmup_steps=3",
-        "protocol.eval_every_steps=6", "protocol.max_episode_steps=3",
-        runs_dir=tmp_path,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    for seed in range(3):
-        run_dir = tmp_path / "smoke" / "ls" / f"seed{seed}"
-        assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed"] == seed
-        assert json.loads((run_dir / "result.json").read_text())["step"] == 6
-        assert [row["step"] for row in read_metrics(run_dir)] == [6]
-    assert not (tmp_path / "smoke" / "ls" / "seed3").exists()
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
