@@ -46,7 +46,7 @@ from mtrl_ntk.agent.seeds import SeedGroupSAC
 from mtrl_ntk.atomic import write_text_atomically
 from mtrl_ntk.checkpoint import Checkpoint, CheckpointManager, truncate_metrics
 from mtrl_ntk.config import ConfigError, RunSpec, build_run_spec, seed_list
-from mtrl_ntk.envs import EnvWorkerError
+from mtrl_ntk.envs import EnvWorkerError, evaluate_together
 from mtrl_ntk.faults import RunInterrupted, StopSignals
 from mtrl_ntk.provenance import write_provenance
 from mtrl_ntk.runtime import tune_cpu_allocator
@@ -145,9 +145,12 @@ class SeedGroupTrainer:
                 if not train.overlap_env_step:
                     self._maybe_update()
                 progress.update(1)
+                evaluations = self._evaluations()
                 paths = [
-                    trainer.end_step(obs, stop, alone=False)
-                    for trainer, obs in zip(self.trainers, observations, strict=True)
+                    trainer.end_step(obs, stop, alone=False, evaluation=evaluation)
+                    for trainer, obs, evaluation in zip(
+                        self.trainers, observations, evaluations, strict=True
+                    )
                 ]
                 self._stop_if_requested(stop, paths)
                 kill_if_due(self.spec, self.step)
@@ -167,6 +170,22 @@ class SeedGroupTrainer:
             ]
         obs = torch.as_tensor(np.stack(observations), device=self.spec.device)  # [S, T, D]
         return list(self.group.act(obs, deterministic=False).cpu().numpy())
+
+    def _evaluations(self) -> list[tuple[dict[str, float], float] | None]:
+        """Every seed's evaluation when one is due (None otherwise), run side by side: one
+        deterministic policy call per step for all seeds (``evaluate_together``)."""
+        if not self.trainers[0].evaluation_due():
+            return [None] * len(self.trainers)
+        evaluators = [trainer.ensure_evaluator() for trainer in self.trainers]
+        started = time.perf_counter()
+        successes = evaluate_together(
+            evaluators,
+            lambda obs: self.group.act(
+                torch.as_tensor(obs, device=self.spec.device), deterministic=True
+            ).cpu().numpy(),
+        )
+        seconds = time.perf_counter() - started
+        return [(success, seconds) for success in successes]
 
     def _maybe_update(self) -> None:
         """Every seed's update of this step, as one (see ``Trainer._maybe_update``)."""

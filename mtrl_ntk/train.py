@@ -45,7 +45,7 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -314,10 +314,13 @@ class Trainer:
         resume_hint: str = "the same command with resume=true",
         *,
         in_group: bool = False,
+        make_env: Callable[..., Any] = make_multitask_env,
     ) -> None:
         self.spec = spec
         # In a seed group (mtrl_ntk/seed_group.py) the group compiles and runs the update.
         self.in_group = in_group
+        # Builds the training and evaluation envs (a seed group's may build them in workers).
+        self.make_env = make_env
         self.run_dir = run_dir
         self.task_names = list(spec.task_names)
         self.step = 0  # steps of all T environments done so far
@@ -345,7 +348,7 @@ class Trainer:
     def _build(self, checkpoint: Checkpoint | None) -> None:
         spec = self.spec
         # Environments first: async workers are forked before torch starts its threads.
-        self.env = make_multitask_env(
+        self.env = self.make_env(
             spec.env_backend, spec.benchmark, spec.protocol, seed=spec.seed,
             vector_strategy=spec.vector_strategy,
         )
@@ -453,7 +456,7 @@ class Trainer:
             spec = self.spec
             self.evaluator = Evaluator(
                 spec.benchmark, spec.protocol, spec.seed, vector_strategy=spec.vector_strategy,
-                backend=spec.env_backend,
+                backend=spec.env_backend, make_env=self.make_env,
             )
         return self.evaluator
 
@@ -534,12 +537,15 @@ class Trainer:
         return result.obs
 
     def end_step(
-        self, obs: np.ndarray, stop: StopSignals, progress: Any = None, *, alone: bool = True
+        self, obs: np.ndarray, stop: StopSignals, progress: Any = None, *, alone: bool = True,
+        evaluation: tuple[dict[str, float], float] | None = None,
     ) -> Path | None:
         """Log, evaluate and checkpoint when due; returns the checkpoint written, if any.
 
         ``alone`` (a single run): after a stop signal's checkpoint, stop; and the
-        ``debug.kill_at_step`` hook. A seed group does both once all its seeds' steps ended.
+        ``debug.kill_at_step`` hook. A seed group does both once all its seeds' steps ended,
+        and evaluates all its seeds at once: ``evaluation`` is this seed's (success per
+        task, seconds) when it is due.
         """
         train = self.spec.train
         if self.step % train.log_every == 0:
@@ -550,9 +556,10 @@ class Trainer:
             )
             self._log_window(steps_per_second)
             self._window = (now, self.step, 0.0)
-        if self.step % self.spec.protocol.eval_every_steps == 0 or self.step == train.num_steps:
+        if self.evaluation_due():
             eval_started = time.perf_counter()
-            self._evaluate(elapsed=eval_started - (self._started or eval_started))
+            self._evaluate(elapsed=eval_started - (self._started or eval_started),
+                           evaluation=evaluation)
             start, step, eval_seconds = self._window
             self._window = (start, step, eval_seconds + time.perf_counter() - eval_started)
             if progress is not None:
@@ -563,6 +570,12 @@ class Trainer:
                 self.raise_if_stopped(stop, path)
             kill_if_due(self.spec, self.step)
         return path
+
+    def evaluation_due(self) -> bool:
+        return (
+            self.step % self.spec.protocol.eval_every_steps == 0
+            or self.step == self.spec.train.num_steps
+        )
 
     def worker_stopped(self, error: EnvWorkerError) -> RunStopped:
         return RunStopped(
@@ -657,14 +670,21 @@ class Trainer:
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, self.step)
 
-    def _evaluate(self, elapsed: float) -> None:
+    def _evaluate(
+        self, elapsed: float, evaluation: tuple[dict[str, float], float] | None = None
+    ) -> None:
+        """Evaluate (or take ``evaluation``: success per task and seconds, from a seed
+        group), then write the metrics row, TensorBoard and the affinity images."""
         assert self.writer is not None
         self._check_updates()
         spec = self.spec
-        evaluator = self.ensure_evaluator()  # one evaluation env, kept open across evaluations
-        eval_started = time.perf_counter()
-        success = evaluator(self._greedy_policy)  # {task: rate}
-        eval_seconds = time.perf_counter() - eval_started
+        if evaluation is None:
+            evaluator = self.ensure_evaluator()  # one evaluation env, kept open across calls
+            eval_started = time.perf_counter()
+            success = evaluator(self._greedy_policy)  # {task: rate}
+            eval_seconds = time.perf_counter() - eval_started
+        else:
+            success, eval_seconds = evaluation
 
         row: dict[str, Any] = {
             "step": self.step,

@@ -259,15 +259,29 @@ def instrument_group(
 
     seed_group.add_per_seed = add_per_seed
     clock.present["metrics"] = True
-    for trainer in group.trainers:
+    original_evaluations = group._evaluations
+
+    @functools.wraps(original_evaluations)
+    def evaluations() -> Any:
+        if not group.trainers[0].evaluation_due():
+            return original_evaluations()
+        with clock.phase("eval"):  # one call: every seed's evaluation, side by side
+            return original_evaluations()
+
+    group._evaluations = evaluations
+    clock.present["eval"] = True
+    # Periodic phases count once per event (the first seed's call), so that the projection's
+    # per-call cost is that of all S seeds.
+    for index, trainer in enumerate(group.trainers):
+        first = index == 0
         for attribute in ("step_async", "step_wait"):
             clock.wrap(trainer.env, attribute, "env", count=attribute != "step_async")
         clock.wrap(trainer.buffer, "add", "buffer_add")
         clock.wrap(trainer.buffer, "sample", "sample")
-        clock.wrap(trainer, "_log_window", "log")
-        clock.wrap(trainer, "_evaluate", "eval")
+        clock.wrap(trainer, "_log_window", "log", count=first)
+        clock.wrap(trainer, "_evaluate", "eval", count=False)
         clock.wrap(trainer, "_maybe_checkpoint", "checkpoint", count=False)
-        clock.wrap(trainer.checkpoints, "save", "checkpoint")
+        clock.wrap(trainer.checkpoints, "save", "checkpoint", count=first)
 
 
 def prebuild_evaluator(trainer: Any) -> float:

@@ -9,6 +9,7 @@ from mtrl_ntk.envs.metaworld_env import (
     Policy,
     StepResult,
     evaluate,
+    evaluate_together,
     make_multitask_env,
 )
 from mtrl_ntk.envs.protocols import METAWORLD_MAX_PATH_LENGTH, PROTOCOLS, Protocol
@@ -25,5 +26,6 @@ __all__ = [
     "Protocol",
     "StepResult",
     "evaluate",
+    "evaluate_together",
     "make_multitask_env",
 ]

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, TypeVar
 
@@ -589,32 +589,20 @@ class Evaluator:
         vector_strategy: VectorStrategy = "async",
         max_episode_steps: int | None = None,
         backend: str = "metaworld",
+        make_env: Callable[..., MultiTaskEnvBase] | None = None,
     ) -> None:
         self.protocol = protocol
-        self.env = make_multitask_env(
+        self.env = (make_env or make_multitask_env)(
             backend, benchmark, protocol, seed, vector_strategy, max_episode_steps,
             for_evaluation=True,
         )
 
     def __call__(self, policy: Policy, episodes_per_task: int | None = None) -> dict[str, float]:
         """Returns {task name: success rate in [0, 1]}."""
-        episodes = episodes_per_task
-        if episodes is None:
-            episodes = self.protocol.eval_episodes_per_task
-        if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
-            raise ValueError(f"episodes_per_task={episodes!r}; allowed: an integer >= 1")
-        env = self.env
-        finished = np.zeros(env.num_tasks, dtype=np.int64)  # [T] episodes counted
-        successes = np.zeros(env.num_tasks, dtype=np.int64)  # [T]
-        obs = env.reset()
-        while (finished < episodes).any():
-            result = env.step(policy(obs))
-            # Tasks that are done keep stepping (the vector env steps all); ignore them.
-            counted = result.episode_end & (finished < episodes)
-            successes += counted & result.episode_success
-            finished += counted
-            obs = result.obs
-        return {name: float(successes[i] / episodes) for i, name in enumerate(env.task_names)}
+        (success,) = evaluate_together(
+            [self], lambda obs: policy(obs[0])[np.newaxis], episodes_per_task
+        )
+        return success
 
     def close(self) -> None:
         self.env.close()
@@ -624,6 +612,49 @@ class Evaluator:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def evaluate_together(
+    evaluators: Sequence[Evaluator],
+    policy: Callable[[np.ndarray], np.ndarray],
+    episodes_per_task: int | None = None,
+) -> list[dict[str, float]]:
+    """Each evaluator's ``__call__``, all at once: the evaluations of a seed group.
+
+    ``policy`` maps the observations of every evaluator's env [S, T, D] to their
+    actions [S, T, A], one call per step for all of them. Each step is sent to every
+    env that still has episodes to count before any is collected, so envs that step
+    elsewhere (worker processes, threads) step concurrently. Evaluator k's result is
+    what ``evaluators[k](lambda obs: policy(...)[k])`` gives on its own: an env whose
+    episodes are all counted is not stepped again.
+    """
+    episodes = episodes_per_task
+    if episodes is None:
+        episodes = evaluators[0].protocol.eval_episodes_per_task
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"episodes_per_task={episodes!r}; allowed: an integer >= 1")
+    envs = [evaluator.env for evaluator in evaluators]
+    finished = [np.zeros(env.num_tasks, dtype=np.int64) for env in envs]  # [T] episodes counted
+    successes = [np.zeros(env.num_tasks, dtype=np.int64) for env in envs]  # [T]
+    observations = [env.reset() for env in envs]
+    while True:
+        running = [k for k, counted in enumerate(finished) if (counted < episodes).any()]
+        if not running:
+            break
+        actions = policy(np.stack(observations))  # [S, T, A]
+        for k in running:
+            envs[k].step_async(actions[k])
+        for k in running:
+            result = envs[k].step_wait()
+            # Tasks that are done keep stepping (the vector env steps all); ignore them.
+            counted = result.episode_end & (finished[k] < episodes)
+            successes[k] += counted & result.episode_success
+            finished[k] += counted
+            observations[k] = result.obs
+    return [
+        {name: float(wins[i] / episodes) for i, name in enumerate(env.task_names)}
+        for env, wins in zip(envs, successes, strict=True)
+    ]
 
 
 def evaluate(
