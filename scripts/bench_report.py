@@ -54,6 +54,8 @@ def summarise(results: dict[str, dict[str, Any]], baseline: str) -> dict[str, An
             "peak_memory_gib": None if memory is None else memory / 2**30,
             "projected_hours": result["projection"]["hours"],
             "projected_steps": result["projection"]["steps"],
+            # A seed group (bench_train --seeds S): the projection is all S seeds' runs.
+            "seeds": result.get("seeds", 1),
         }
     return {"baseline": baseline, "rows": rows}
 
@@ -66,7 +68,8 @@ def print_table(summary: dict[str, Any]) -> None:
     width = max(14, *(len(name) for name in rows))
     header = (
         f"{'run':<{width}} {'steps/s':>8} {'no eval':>8} {'update ms':>10} {'x base':>7} "
-        f"{'env ms':>7} {'act ms':>7} {'guard ms':>9} {'eval s':>7} {'peak GiB':>9} {'hours':>7}"
+        f"{'env ms':>7} {'act ms':>7} {'guard ms':>9} {'eval s':>7} {'peak GiB':>9} {'hours':>7} "
+        f"{'seeds':>5}"
     )
     print(header)
     for name, row in rows.items():
@@ -76,7 +79,7 @@ def print_table(summary: dict[str, Any]) -> None:
             f"{row['steps_per_second_excluding_periodic']:>8.2f} {row['update_ms']:>10.2f} "
             f"{row['update_ratio_to_baseline']:>7.2f} {row['env_ms']:>7.2f} {row['act_ms']:>7.2f} "
             f"{row['guard_ms']:>9.2f} {row['eval_seconds_per_call']:>7.2f} {memory:>9} "
-            f"{row['projected_hours']:>7.2f}"
+            f"{row['projected_hours']:>7.2f} {row['seeds']:>5}"
         )
 
 
