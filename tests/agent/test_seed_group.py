@@ -324,10 +324,32 @@ def test_a_group_needs_agents() -> None:
         SeedGroupSAC([])
 
 
-def test_agents_of_different_shapes_cannot_form_a_group() -> None:
-    agents = [make_agent("ls", 0), make_agent("ls", 1, config(hidden_dim=16))]
-    with pytest.raises(ValueError, match="agent 1 of the seed group does not have agent 0's"):
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"hidden_dim": 16}, "hidden_dim: 16 vs 8"),
+    ({"gamma": 0.5}, "gamma: 0.5 vs 0.99"),  # same shapes: vmap would use agent 0's gamma
+])
+def test_agents_of_different_configs_cannot_form_a_group(changes: dict, message: str) -> None:
+    agents = [make_agent("ls", 0), make_agent("ls", 1, config(**changes))]
+    with pytest.raises(ValueError, match=f"agent 1 .* has other settings .*{message}"):
         SeedGroupSAC(agents)
+
+
+def test_agents_of_different_combiner_settings_cannot_form_a_group() -> None:
+    def agent(exponent: float) -> MultiTaskSAC:
+        return MultiTaskSAC(
+            OBS, ACTIONS, TASKS, config(), make_combiner("ntkmtl", TASKS, exponent=exponent),
+            make_combiner("ntkmtl", TASKS), "cpu",
+        )
+
+    with pytest.raises(ValueError, match=r"critic combiner: NTKMTL\(exponent=1.0"):
+        SeedGroupSAC([agent(0.5), agent(1.0)])
+
+
+def test_agents_of_different_shapes_cannot_form_a_group() -> None:
+    other = MultiTaskSAC(OBS + 1, ACTIONS, TASKS, config(), make_combiner("ls", TASKS),
+                         make_combiner("ls", TASKS), "cpu")
+    with pytest.raises(ValueError, match="agent 1 of the seed group does not have agent 0's"):
+        SeedGroupSAC([make_agent("ls", 0), other])
 
 
 def test_update_and_act_need_one_input_per_seed() -> None:
