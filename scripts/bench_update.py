@@ -17,10 +17,22 @@ temperature and Polyak steps, the non-finite guard, the metrics), then times it:
 Rows are timed round-robin (one update of each per round), so load from other
 jobs hits every row alike; ratios are to the LS row of the same process.
 
+With ``--seeds S1,S2,...`` each row also reports, under ``seed_groups`` (keyed by S,
+S = 1 always included), one ``SeedGroupSAC.update`` of S agents (one vmapped update
+of every seed, ``mtrl_ntk.agent.seeds``; every seed gets the same batch, which costs
+what any batch does: the update has static shapes and no host reads): its ``ops``
+(the whole group update: the vmapped update's ops do not grow with S from S = 2 on,
+where a few views of S = 1 become copies, and its per-seed draws add 1 to 3 per seed)
+and ``syncs``, and its eager (and with ``--compile``
+compiled) time per group update and per seed, the per-seed time as a ratio to S = 1
+(``per_seed_ratio_to_s1``) and to the row's single agent (``per_seed_ratio_to_agent``).
+Groups are timed in the same rounds as the single agents.
+
     python scripts/bench_update.py                          # every combiner, T = 10, batch 1280
     python scripts/bench_update.py ls ntkmtl:4 --threads 1 --compile --json
     python scripts/bench_update.py --quick --json           # tiny shape, seconds (tests)
     python scripts/bench_update.py --preset mtsac256 --threads 1 --compile   # issue 10's setting
+    python scripts/bench_update.py ls ntkmtl --seeds 2,4,10 --threads 1    # seed groups
 
 A row ``name:n`` sets ``num_minibatches=n`` (NTKMTL's n mini-batches per task).
 """
@@ -32,6 +44,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as run_mt10.py
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -41,6 +54,7 @@ from typing import Any
 import torch
 
 from mtrl_ntk.agent import AgentConfig, MultiTaskSAC
+from mtrl_ntk.agent.seeds import SeedGroupSAC
 from mtrl_ntk.combiners import available_combiners, make_combiner
 from mtrl_ntk.opcount import count_ops
 from mtrl_ntk.replay import Batch
@@ -73,15 +87,24 @@ def make_batch(tasks: int, per_task: int, device: torch.device) -> Batch:
 
 
 def make_agent(
-    row: str, shape: dict, device: torch.device, compile: bool = False
+    row: str, shape: dict, device: torch.device, compile: bool = False, seed: int = 0
 ) -> MultiTaskSAC:
     name, _, minibatches = row.partition(":")
     params = {"num_minibatches": int(minibatches)} if minibatches else {}
     tasks = shape["tasks"]
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return MultiTaskSAC(
         OBS_DIM, ACTION_DIM, tasks, shape["agent"], make_combiner(name, tasks, **params),
-        make_combiner(name, tasks, **params), device, seed=0, compile=compile,
+        make_combiner(name, tasks, **params), device, seed=seed, compile=compile,
+    )
+
+
+def make_group(
+    row: str, shape: dict, device: torch.device, seeds: int, compile: bool = False
+) -> SeedGroupSAC:
+    """S agents of seeds 0 .. S-1 (each built eagerly), compiled as one group if asked."""
+    return SeedGroupSAC(
+        [make_agent(row, shape, device, seed=seed) for seed in range(seeds)], compile=compile
     )
 
 
@@ -111,41 +134,80 @@ def measure(row: str, shape: dict, device: torch.device, batch: Batch) -> dict[s
     }
 
 
+def measure_group(
+    row: str, shape: dict, device: torch.device, batch: Batch, seeds: int
+) -> dict[str, Any]:
+    group = make_group(row, shape, device, seeds)
+    group.update([batch] * seeds)  # lazy allocations happen once
+    _, counter = count_ops(group.update, [batch] * seeds)
+    return {"ops": counter.total, "syncs": counter.syncs, "sync_ops": dict(counter.sync_names)}
+
+
 def benchmark(
     rows: list[str], shape: dict, device: torch.device, warmup: int, repeats: int,
-    compile: bool = False,
+    compile: bool = False, seeds: list[int] | None = None,
 ) -> dict[str, dict[str, Any]]:
+    """Per row: the single agent's measures and times, and with ``seeds`` its seed groups'
+    (``seed_groups``, keyed by S as a string); see the module docstring."""
     batch = make_batch(shape["tasks"], shape["per_task"], device)
     results: dict[str, dict[str, Any]] = {
         row: measure(row, shape, device, batch) for row in rows
     }
-    variants = [(row, False) for row in rows] + [(row, True) for row in rows if compile]
-    agents = {}
-    for row, compiled in variants:
-        agent = make_agent(row, shape, device, compile=compiled)
+    # A variant: (row, compiled, S), S = None for the single agent.
+    variants: list[tuple[str, bool, int | None]] = []
+    for compiled in (False, True) if compile else (False,):
+        variants += [(row, compiled, size) for row in rows for size in [None, *(seeds or [])]]
+    for row in rows:
+        if seeds:
+            results[row]["seed_groups"] = {
+                str(size): measure_group(row, shape, device, batch, size) for size in seeds
+            }
+    updates = {}
+    for row, compiled, size in variants:
+        if size is None:
+            agent = make_agent(row, shape, device, compile=compiled)
+            update, target = functools.partial(agent.update, batch), agent
+            result = results[row]
+        else:
+            group = make_group(row, shape, device, size, compile=compiled)
+            update, target = functools.partial(group.update, [batch] * size), group
+            result = results[row]["seed_groups"][str(size)]
         started = time.perf_counter()
         for _ in range(max(warmup, 2 if compiled else 0)):  # CUDA graphs record on call 2
-            agent.update(batch)
+            update()
         synchronize(device)
         if compiled:
-            results[row]["compile_s"] = time.perf_counter() - started
-            results[row]["compiled"] = agent._update_fn.compiled
-        agents[row, compiled] = agent
-    wall: dict[tuple[str, bool], list[float]] = {key: [] for key in agents}
-    cpu: dict[tuple[str, bool], list[float]] = {key: [] for key in agents}
+            result["compile_s"] = time.perf_counter() - started
+        updates[row, compiled, size] = (update, target, result)
+    wall: dict[tuple[str, bool, int | None], list[float]] = {key: [] for key in updates}
+    cpu: dict[tuple[str, bool, int | None], list[float]] = {key: [] for key in updates}
     for _ in range(repeats):
-        for key, agent in agents.items():
+        for key, (update, _, _) in updates.items():
             wall_started, cpu_started = time.perf_counter(), time.process_time()
-            agent.update(batch)
+            update()
             synchronize(device)
             wall[key].append(1e3 * (time.perf_counter() - wall_started))
             cpu[key].append(1e3 * (time.process_time() - cpu_started))
-    for (row, compiled), times in wall.items():
+    for (row, compiled, size), times in wall.items():
+        _, target, result = updates[row, compiled, size]
         prefix = "compiled_" if compiled else ""
         if compiled:  # still compiled after the timed updates (no fallback to eager)
-            results[row]["compiled"] = agents[row, compiled]._update_fn.compiled
-        results[row][f"{prefix}wall_ms"] = statistics.median(times)
-        results[row][f"{prefix}cpu_ms"] = statistics.median(cpu[row, compiled])
+            result["compiled"] = target._update_fn.compiled
+        result[f"{prefix}wall_ms"] = statistics.median(times)
+        result[f"{prefix}cpu_ms"] = statistics.median(cpu[row, compiled, size])
+        if size is not None:
+            result[f"{prefix}wall_ms_per_seed"] = result[f"{prefix}wall_ms"] / size
+    for row in rows:
+        groups = results[row].get("seed_groups", {})
+        for group in groups.values():
+            for prefix in ("", "compiled_") if compile else ("",):
+                per_seed = group[f"{prefix}wall_ms_per_seed"]
+                group[f"{prefix}per_seed_ratio_to_s1"] = (
+                    per_seed / groups["1"][f"{prefix}wall_ms_per_seed"]
+                )
+                group[f"{prefix}per_seed_ratio_to_agent"] = (
+                    per_seed / results[row][f"{prefix}wall_ms"]
+                )
     baseline = results["ls"] if "ls" in results else results[rows[0]]
     for result in results.values():
         for key in ("wall_ms", "cpu_ms", "compiled_wall_ms", "compiled_cpu_ms"):
@@ -177,8 +239,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=9, help="timed updates per row")
     parser.add_argument("--no-tune-allocator", action="store_true",
                         help="keep glibc's default malloc settings (see mtrl_ntk/runtime.py)")
+    parser.add_argument("--seeds", default=None, metavar="S[,S2,...]",
+                        help="also time seed groups of S agents (SeedGroupSAC; S = 1 added)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = sorted({1, *(int(size) for size in args.seeds.split(","))})
+        except ValueError:
+            parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+        if seeds[0] < 1:
+            parser.error("--seeds must be >= 1")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
@@ -196,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         tune_cpu_allocator()
     shape = SHAPES["quick" if args.quick else args.preset]
     results = benchmark(
-        rows, shape, torch.device(args.device), args.warmup, args.repeats, args.compile
+        rows, shape, torch.device(args.device), args.warmup, args.repeats, args.compile, seeds
     )
     if args.json:
         print(json.dumps(results))
@@ -224,7 +296,35 @@ def main(argv: list[str] | None = None) -> int:
                 + ("" if result["compiled"] else "  (compile failed: eager)")
             )
         print(line)
+    if seeds:
+        print_seed_groups(results, args.compile)
     return 0
+
+
+def print_seed_groups(results: dict[str, dict[str, Any]], compile: bool) -> None:
+    print("\nSeedGroupSAC.update of S agents (per seed = group time / S; x S=1 and x agent: "
+          "per-seed time over S = 1's and over the single agent's)")
+    header = (f"{'row':<12} {'S':>3} {'ops':>6} {'syncs':>5} {'eager ms':>9} {'/seed':>7} "
+              f"{'x S=1':>6} {'x agent':>7}")
+    if compile:
+        header += f" {'compiled ms':>11} {'/seed':>7} {'x S=1':>6} {'x agent':>7}"
+    print(header)
+    for row, result in results.items():
+        for size, group in result["seed_groups"].items():
+            line = (
+                f"{row:<12} {size:>3} {group['ops']:>6} {group['syncs']:>5} "
+                f"{group['wall_ms']:>9.1f} {group['wall_ms_per_seed']:>7.1f} "
+                f"{group['per_seed_ratio_to_s1']:>6.2f} {group['per_seed_ratio_to_agent']:>7.2f}"
+            )
+            if compile:
+                line += (
+                    f" {group['compiled_wall_ms']:>11.1f}"
+                    f" {group['compiled_wall_ms_per_seed']:>7.1f}"
+                    f" {group['compiled_per_seed_ratio_to_s1']:>6.2f}"
+                    f" {group['compiled_per_seed_ratio_to_agent']:>7.2f}"
+                    + ("" if group["compiled"] else "  (compile failed: eager)")
+                )
+            print(line)
 
 
 if __name__ == "__main__":

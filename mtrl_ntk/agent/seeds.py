@@ -31,6 +31,7 @@ bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import types
 from collections.abc import Callable, Sequence
@@ -115,6 +116,34 @@ class TensorSites:
                 holder[key] = values[position]
 
 
+def _setting_differences(agent: MultiTaskSAC, template: MultiTaskSAC) -> list[str]:
+    """Where ``agent``'s settings differ from ``template``'s, as "name: agent's vs template's".
+
+    The settings are what the update reads as Python values rather than from state
+    tensors (the config, the combiners' kinds and hyperparameters): under vmap the
+    template's serve every seed, so a difference would be ignored without a word.
+    """
+    differences = [
+        f"{field.name}: {getattr(agent.cfg, field.name)!r} vs {getattr(template.cfg, field.name)!r}"
+        for field in dataclasses.fields(template.cfg)
+        if getattr(agent.cfg, field.name) != getattr(template.cfg, field.name)
+    ]
+    for role in ("critic", "actor"):
+        mine, theirs = (_hyperparameters(getattr(a, f"{role}_combiner")) for a in (agent, template))
+        if mine != theirs:
+            differences.append(f"{role} combiner: {mine} vs {theirs}")
+    return differences
+
+
+def _hyperparameters(combiner: object) -> str:
+    """The combiner's kind and its public number and string attributes: ``Name(a=1, b='x')``."""
+    values = sorted(
+        (name, value) for name, value in vars(combiner).items()
+        if isinstance(value, (int, float, str)) and not name.startswith("_")
+    )
+    return f"{type(combiner).__name__}({', '.join(f'{n}={v!r}' for n, v in values)})"
+
+
 def _alias(original: Tensor, view: Tensor) -> Tensor:
     """``view`` in the role of ``original``: a Parameter (sharing the view's memory) for one."""
     if isinstance(original, nn.Parameter):
@@ -126,9 +155,10 @@ class SeedGroupSAC:
     """S ``MultiTaskSAC`` agents of one configuration, updated as one (see the module doc).
 
     ``agents[k]`` is seed k's agent, built as for a single run (``compile=False``);
-    the group takes over its state tensors. ``compile`` compiles the vmapped update
-    with ``torch.compile(fullgraph=True)`` (a CUDA graph on CUDA), with an eager
-    fallback.
+    the group takes over its state tensors. Agents whose settings or state shapes
+    differ from agent 0's are refused (a ValueError naming the difference).
+    ``compile`` compiles the vmapped update with ``torch.compile(fullgraph=True)``
+    (a CUDA graph on CUDA), with an eager fallback.
     """
 
     def __init__(
@@ -143,6 +173,13 @@ class SeedGroupSAC:
         self.agents = list(agents)
         template = self.agents[0]
         self.device = template.device
+        for seed, agent in enumerate(self.agents[1:], start=1):
+            differences = _setting_differences(agent, template)
+            if differences:
+                raise ValueError(
+                    f"agent {seed} of the seed group has other settings than agent 0 "
+                    f"({'; '.join(differences)}): the group would run agent 0's for every seed"
+                )
         states = [agent._state_tensors() for agent in self.agents]
         for seed, state in enumerate(states[1:], start=1):
             shapes = [(tuple(t.shape), t.dtype, t.device) for t in state]
