@@ -90,11 +90,13 @@ class UpdateGuard:
     """
 
     def __init__(
-        self, agent: MultiTaskSAC, task_names: Sequence[str], max_consecutive_skips: int
+        self, agent: MultiTaskSAC, task_names: Sequence[str], max_consecutive_skips: int,
+        label: str = "",
     ) -> None:
         self.agent = agent
         self.task_names = list(task_names)
         self.max_consecutive_skips = max_consecutive_skips
+        self.label = label  # "seed <k>: " in a seed group, so that a report names its run
         self.skips_since_eval = 0
         self.total_skips = 0
         self._steps: dict[int, int] = {}  # update index -> step, since the last check
@@ -132,14 +134,15 @@ class UpdateGuard:
         at = steps.get(health["last_skip"])
         where = f"at step {at}" if at is not None else f"before step {step}"
         print(
-            f"mtrl_ntk: non-finite {cause} {where}: update skipped "
+            f"mtrl_ntk: {self.label}non-finite {cause} {where}: update skipped "
             f"({new} since the last check, {health['consecutive']} in a row, "
             f"{self.total_skips} in this run)",
             file=sys.stderr,
         )
         if health["max_consecutive"] >= self.max_consecutive_skips:
             raise NonFiniteUpdates(
-                f"stopped at step {step}: {health['max_consecutive']} consecutive updates had a "
+                f"{self.label}stopped at step {step}: {health['max_consecutive']} consecutive "
+                "updates had a "
                 f"non-finite loss or gradient (last: {cause}); no checkpoint holds a "
                 "non-finite state. Lower the learning rates, or raise "
                 "train.max_consecutive_skips"

@@ -43,22 +43,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtrl_ntk.agent.seeds import SeedGroupSAC
-from mtrl_ntk.atomic import write_text_atomically
-from mtrl_ntk.checkpoint import Checkpoint, CheckpointManager, truncate_metrics
+from mtrl_ntk.checkpoint import Checkpoint, CheckpointManager
 from mtrl_ntk.config import ConfigError, RunSpec, build_run_spec, seed_list
 from mtrl_ntk.envs import EnvWorkerError, evaluate_together
 from mtrl_ntk.faults import RunInterrupted, StopSignals
-from mtrl_ntk.provenance import write_provenance
 from mtrl_ntk.runtime import tune_cpu_allocator
 from mtrl_ntk.train import (
-    CONFIG_FILE,
-    METRICS_FILE,
     Trainer,
     _check_resumed_config,
     _previous_result,
     _resume_hint,
     add_per_seed,
     kill_if_due,
+    prepare_run_directory,
     progress_bar,
     seed_everything,
 )
@@ -272,17 +269,7 @@ def _train_pending(
     for config, spec, seed_dir, checkpoint in zip(
         configs, specs, run_dirs, checkpoints, strict=True
     ):
-        if spec.resume:
-            last_step = 0 if checkpoint is None else checkpoint.step
-            truncate_metrics(seed_dir / METRICS_FILE, last_step)  # no evaluation appears twice
-            print(
-                f"mtrl_ntk: resuming {seed_dir} from "
-                + (f"{checkpoint.path.name}" if checkpoint else "scratch (no complete checkpoint)"),
-                file=sys.stderr,
-            )
-        seed_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(seed_dir / CONFIG_FILE, OmegaConf.to_yaml(config, resolve=True))
-        write_provenance(seed_dir, list(argv))
+        prepare_run_directory(seed_dir, config, argv, spec.resume, checkpoint)
     tune_cpu_allocator()
     first = specs[0]
     print(

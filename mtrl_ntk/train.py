@@ -375,7 +375,8 @@ class Trainer:
         self.eval_window = MetricAccumulator(device)  # since the last evaluation
         self.episodes = EpisodeStats(spec.num_tasks)  # training episodes since the last evaluation
         self.guard = (
-            UpdateGuard(self.agent, self.task_names, spec.train.max_consecutive_skips)
+            UpdateGuard(self.agent, self.task_names, spec.train.max_consecutive_skips,
+                        label=f"seed {spec.seed}: " if self.in_group else "")
             if spec.train.check_finite else None
         )
         # A resumed run rolls TensorBoard back: events after the checkpoint's step are purged.
@@ -811,6 +812,25 @@ def _check_resumed_config(run_dir: Path, cfg: DictConfig) -> None:
         )
 
 
+def prepare_run_directory(
+    run_dir: Path, cfg: DictConfig, argv: Sequence[str], resume: bool,
+    checkpoint: Checkpoint | None,
+) -> None:
+    """Before training: a resumed run's metrics cut back to its checkpoint (no evaluation
+    appears twice); then the resolved config and the provenance written."""
+    if resume:
+        last_step = 0 if checkpoint is None else checkpoint.step
+        truncate_metrics(run_dir / METRICS_FILE, last_step)
+        print(
+            f"mtrl_ntk: resuming {run_dir} from "
+            + (f"{checkpoint.path.name}" if checkpoint else "scratch (no complete checkpoint)"),
+            file=sys.stderr,
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+    write_provenance(run_dir, list(argv))
+
+
 def _resume_hint(argv: Sequence[str]) -> str:
     """The command that resumes this run: the typed command line plus resume=true."""
     arguments = [argument for argument in argv[1:] if not argument.startswith("resume=")]
@@ -838,10 +858,13 @@ def train(
     """
     run_dir = Path.cwd() if run_dir is None else Path(run_dir)
     argv = list(sys.argv if argv is None else argv)
-    if seed_list(cfg) is not None:
+    seeds = seed_list(cfg)
+    if seeds is not None and len(seeds) > 1:
         from mtrl_ntk.seed_group import train_seed_group  # it builds on this module
 
         return train_seed_group(cfg, run_dir, argv)
+    if seeds is not None:  # seed=k..k: a single run (a group of one only adds vmap's overhead)
+        cfg = OmegaConf.merge(cfg, {"seed": seeds[0], "seeds": None})
     spec = build_run_spec(cfg)
     previous = _previous_result(run_dir, resume=spec.resume)
     if previous is not None:
@@ -851,16 +874,7 @@ def train(
     if spec.resume:
         _check_resumed_config(run_dir, cfg)
         checkpoint = CheckpointManager(run_dir).latest()
-        last_step = 0 if checkpoint is None else checkpoint.step
-        truncate_metrics(run_dir / METRICS_FILE, last_step)  # no evaluation appears twice
-        print(
-            f"mtrl_ntk: resuming {run_dir} from "
-            + (f"{checkpoint.path.name}" if checkpoint else "scratch (no complete checkpoint)"),
-            file=sys.stderr,
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
-    write_provenance(run_dir, argv)
+    prepare_run_directory(run_dir, cfg, argv, spec.resume, checkpoint)
     seed_everything(spec.seed)
     tune_cpu_allocator()  # keep freed tensor memory: no page faults per update (runtime.py)
     temperature = "one temperature per task" if spec.agent.disentangled_alpha else "one temperature"

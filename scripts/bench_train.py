@@ -175,30 +175,35 @@ def compose_config(preset: str, overrides: list[str]) -> DictConfig:
         return compose(config_name="config", overrides=arguments)
 
 
+def time_actions(loop: Any, clock: PhaseClock, skip_updates: int, warmup_steps: int) -> None:
+    """Time ``loop._actions`` (a Trainer's or a seed group's) as "act", and open the window
+    when the step that holds update number ``skip_updates + 1`` starts (at that call)."""
+    first_measured_step = max(warmup_steps, 1) + skip_updates  # 1-based step index
+    original_actions = loop._actions
+
+    @functools.wraps(original_actions)
+    def actions(observations: Any) -> Any:
+        if not clock.measuring and clock.window_start is None and (
+            loop.step + 1 >= first_measured_step
+        ):
+            clock.start_window()
+        if clock.measuring:
+            clock.measured_steps += 1
+        with clock.phase("act"):
+            return original_actions(observations)
+
+    loop._actions = actions
+    for present in ("act", "other"):
+        clock.present[present] = True
+
+
 def instrument(trainer: Any, clock: PhaseClock, skip_updates: int, warmup_steps: int) -> None:
     """Wrap the Trainer instance's stages with timers (the instance only, not the class).
 
     The window opens when the step that holds update number ``skip_updates + 1``
     starts (at its ``_actions`` call).
     """
-    first_measured_step = max(warmup_steps, 1) + skip_updates  # 1-based step index
-
-    original_actions = trainer._actions
-
-    @functools.wraps(original_actions)
-    def actions(obs: Any) -> Any:
-        if not clock.measuring and clock.window_start is None and (
-            trainer.step + 1 >= first_measured_step
-        ):
-            clock.start_window()
-        if clock.measuring:
-            clock.measured_steps += 1
-        with clock.phase("act"):
-            return original_actions(obs)
-
-    trainer._actions = actions
-    for present in ("act", "other"):
-        clock.present[present] = True
+    time_actions(trainer, clock, skip_updates, warmup_steps)
     for attribute in ("step", "step_async", "step_wait"):
         if callable(getattr(trainer.env, attribute, None)):
             # step_async + step_wait is one step: count the calls of one of them.
@@ -231,23 +236,7 @@ def instrument_group(
     seed's environment, replay buffer, logging, evaluation and checkpoint calls."""
     import mtrl_ntk.seed_group as seed_group
 
-    first_measured_step = max(warmup_steps, 1) + skip_updates
-    original_actions = group._actions
-
-    @functools.wraps(original_actions)
-    def actions(observations: Any) -> Any:
-        if not clock.measuring and clock.window_start is None and (
-            group.step + 1 >= first_measured_step
-        ):
-            clock.start_window()
-        if clock.measuring:
-            clock.measured_steps += 1
-        with clock.phase("act"):
-            return original_actions(observations)
-
-    group._actions = actions
-    for present in ("act", "other"):
-        clock.present[present] = True
+    time_actions(group, clock, skip_updates, warmup_steps)
     clock.wrap(group.group, "update", "update")
     clock.wrap(group, "_maybe_update", "guard")
     original_add = seed_group.add_per_seed
