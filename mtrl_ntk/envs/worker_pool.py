@@ -23,12 +23,13 @@ pool, like the envs, is for one thread.
 Workers are started by executing a fresh interpreter (`python -c`), not with one of
 multiprocessing's start methods: the main process has imported torch and started
 its threads, so forking it is unsafe, and multiprocessing's "spawn" and "forkserver"
-children both import the main script again (`run_mt10.py` imports torch: 1.5 s and
-hundreds of MB per worker). A worker imports only `mtrl_ntk.envs` (numpy, gymnasium,
-Meta-World; about 0.5 s). It starts with SIGINT, SIGTERM and SIGUSR2 blocked, as
-Meta-World's async workers do (`_stop_signals_blocked`; the mask survives exec): the
-trainer decides when to stop. A worker ends when the pool closes, or when its pipe
-reaches end-of-file because the main process died.
+children both import the main script again (`run_mt10.py` imports torch: 1.5 s and a
+peak of 270 MB per worker). A worker imports only `mtrl_ntk.envs` (numpy, gymnasium,
+Meta-World: 0.5 s and 80 MB; a worker answers about 0.9 s after its start). It
+starts with SIGINT, SIGTERM and SIGUSR2 blocked, as Meta-World's async workers do
+(`_stop_signals_blocked`; the mask survives exec): the trainer decides when to stop.
+A worker ends when the pool closes, or when its pipe reaches end-of-file because the
+main process died.
 
 Faults: an exception raised by an env in a worker is raised again by the proxy call
 (same type and message; its cause holds the worker's traceback). A worker that died
