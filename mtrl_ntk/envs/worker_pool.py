@@ -45,6 +45,7 @@ import contextlib
 import pickle
 import subprocess
 import sys
+import time
 import traceback
 from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
@@ -223,9 +224,10 @@ class EnvWorkerPool:
         for worker in self._workers:
             if not worker.closed:
                 worker.request_exit()
+        deadline = time.monotonic() + _CLOSE_WAIT_SECONDS  # for all workers together
         for worker in self._workers:
             try:
-                worker.process.wait(timeout=_CLOSE_WAIT_SECONDS)
+                worker.process.wait(timeout=max(deadline - time.monotonic(), 0.0))
             except subprocess.TimeoutExpired:
                 worker.process.kill()  # SIGKILL: the workers block SIGTERM
                 worker.process.wait()
