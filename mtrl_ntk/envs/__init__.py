@@ -13,13 +13,16 @@ from mtrl_ntk.envs.metaworld_env import (
     make_multitask_env,
 )
 from mtrl_ntk.envs.protocols import METAWORLD_MAX_PATH_LENGTH, PROTOCOLS, Protocol
+from mtrl_ntk.envs.worker_pool import EnvProxy, EnvWorkerPool
 
 __all__ = [
     "BACKENDS",
     "BENCHMARK_TASKS",
     "METAWORLD_MAX_PATH_LENGTH",
     "PROTOCOLS",
+    "EnvProxy",
     "EnvWorkerError",
+    "EnvWorkerPool",
     "Evaluator",
     "MultiTaskEnv",
     "Policy",

@@ -48,6 +48,8 @@ Meta-World behaviour this module relies on (metaworld 3.1.1, gymnasium 1.4):
 
 from __future__ import annotations
 
+import copy
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -57,6 +59,7 @@ from typing import Any, Literal, TypeVar
 import gymnasium as gym
 import metaworld
 import metaworld.env_dict as metaworld_env_dict
+import mujoco
 import numpy as np
 
 from mtrl_ntk.envs.episodes import EpisodeTracker, RewardNormalizer, StepResult
@@ -104,6 +107,42 @@ def _stop_signals_blocked() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+_PARSED_MODELS: dict[tuple[str, int, int], mujoco.MjModel] = {}
+"""MuJoCo models parsed in this process, by (absolute XML path, mtime_ns, size)."""
+
+
+@contextmanager
+def _parsed_models_reused() -> Iterator[None]:
+    """Within the block, `mujoco.MjModel.from_xml_path` parses each XML file once per process
+    and returns a deep copy of that model.
+
+    Building an MT10 env parses 20 XML files (Meta-World builds every task once to draw
+    its goals, then again for the vector env; 8 distinct files), 0.1-0.16 s each: most
+    of its construction time, and of a short run's. A copy takes about 12 ms and keeps
+    every env the owner of its model (Meta-World writes each goal into model fields).
+    The key holds the file's mtime and size, so an edited file is parsed again. Async
+    workers forked within the block inherit the patch and the parsed models.
+    """
+    descriptor = vars(mujoco.MjModel)["from_xml_path"]
+    parse = mujoco.MjModel.from_xml_path
+
+    def from_xml_path(filename: str, *args: Any, **kwargs: Any) -> mujoco.MjModel:
+        if args or kwargs:  # assets or a virtual file system: not a plain file's model
+            return parse(filename, *args, **kwargs)
+        path = os.path.abspath(filename)
+        stat = os.stat(path)
+        key = (path, stat.st_mtime_ns, stat.st_size)
+        if key not in _PARSED_MODELS:
+            _PARSED_MODELS[key] = parse(path)
+        return copy.deepcopy(_PARSED_MODELS[key])
+
+    mujoco.MjModel.from_xml_path = staticmethod(from_xml_path)
+    try:
+        yield
+    finally:
+        mujoco.MjModel.from_xml_path = descriptor
 
 
 def _evaluation_seed(seed: int) -> int:
@@ -389,7 +428,8 @@ class MultiTaskEnv(MultiTaskEnvBase):
         protocol, seed, for_evaluation = self.protocol, self.seed, self.for_evaluation
         previous_num_goals = metaworld._N_GOALS
         try:
-            with _stop_signals_blocked():  # async workers must not see Ctrl-C, SIGTERM, ...
+            # Async workers must not see Ctrl-C, SIGTERM, ...
+            with _stop_signals_blocked(), _parsed_models_reused():
                 self._vector_env = gym.make_vec(
                     f"Meta-World/{self.benchmark.upper()}",
                     vector_strategy=vector_strategy,
