@@ -31,7 +31,7 @@ _TOP_LEVEL_KEYS = {
     "combiner", "env", "protocol", "agent", "seed", "seeds", "seed_group", "device", "name",
     "train", "resume", "debug",
 }
-_ENV_KEYS = {"benchmark", "vector_strategy", "backend"}
+_ENV_KEYS = {"benchmark", "vector_strategy", "backend", "seed_workers"}
 _VECTOR_STRATEGIES = ("async", "sync")
 _HYDRA_MODE_FLAGS = {
     "-m", "--multirun", "-r", "--run", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion",
@@ -252,6 +252,18 @@ class RunSpec:
     resume: bool = False  # continue the run directory from its last complete checkpoint
     debug: DebugSettings = DebugSettings()
     env_backend: str = "metaworld"  # env.backend: metaworld | envpool
+    seed_workers: int | None = None  # env.seed_workers; None: auto (see seed_worker_count)
+
+    def seed_worker_count(self, num_seeds: int, cores: int | None) -> int:
+        """Worker processes for a group of ``num_seeds`` seeds' envs (0: the main process).
+
+        auto: one per seed, up to the cores but one (the learner's); none with 2 cores or
+        fewer, where a worker only competes with the learner for a core.
+        """
+        if self.seed_workers is not None:
+            return min(self.seed_workers, num_seeds)
+        cores = cores or 1
+        return 0 if cores <= 2 else min(num_seeds, cores - 1)
 
     @property
     def num_tasks(self) -> int:
@@ -423,6 +435,13 @@ def build_run_spec(cfg: DictConfig) -> RunSpec:
     env_backend = cfg.env.get("backend", "metaworld")
     if env_backend not in BACKENDS:
         raise _unknown_choice("env.backend", env_backend, BACKENDS)
+    seed_workers = cfg.env.get("seed_workers", "auto")
+    if seed_workers != "auto" and (
+        isinstance(seed_workers, bool) or not isinstance(seed_workers, int) or seed_workers < 0
+    ):
+        raise ConfigError(
+            f"env.seed_workers must be auto or an integer >= 0, got {seed_workers!r}"
+        )
 
     combiner_values = OmegaConf.to_container(cfg.combiner, resolve=True)
     assert isinstance(combiner_values, dict)
@@ -488,6 +507,7 @@ def build_run_spec(cfg: DictConfig) -> RunSpec:
         resume=_boolean(cfg, "resume", ""),
         debug=_debug(cfg.get("debug"), task_names),
         env_backend=env_backend,
+        seed_workers=None if seed_workers == "auto" else seed_workers,
     )
 
 

@@ -31,10 +31,12 @@ the same steps for every seed; evaluations run seed after seed.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtrl_ntk.agent.seeds import SeedGroupSAC
 from mtrl_ntk.checkpoint import Checkpoint, CheckpointManager
 from mtrl_ntk.config import ConfigError, RunSpec, build_run_spec, seed_list
-from mtrl_ntk.envs import EnvWorkerError, evaluate_together
+from mtrl_ntk.envs import EnvWorkerError, EnvWorkerPool, evaluate_together, make_multitask_env
 from mtrl_ntk.faults import RunInterrupted, StopSignals
 from mtrl_ntk.runtime import tune_cpu_allocator
 from mtrl_ntk.train import (
@@ -99,6 +101,22 @@ def common_checkpoints(
             )
         chosen.append(checkpoint)
     return chosen
+
+
+def in_workers(pool: EnvWorkerPool) -> Callable[..., Any]:
+    """``make_multitask_env`` building its env in ``pool``'s workers, in-process there
+    (``vector_strategy="sync"``: a worker steps its seeds' envs itself)."""
+
+    def make_env(
+        backend: str, benchmark: str, protocol: Any, seed: int, vector_strategy: str = "sync",
+        max_episode_steps: int | None = None, *, for_evaluation: bool = False,
+    ) -> Any:
+        return pool.make_env(
+            backend, benchmark, protocol, seed, "sync", max_episode_steps,
+            for_evaluation=for_evaluation,
+        )
+
+    return make_env
 
 
 class SeedGroupTrainer:
@@ -272,26 +290,32 @@ def _train_pending(
         prepare_run_directory(seed_dir, config, argv, spec.resume, checkpoint)
     tune_cpu_allocator()
     first = specs[0]
+    workers = first.seed_worker_count(len(specs), os.cpu_count())
     print(
         f"mtrl_ntk: {first.combiner_name} on {first.benchmark} ({first.num_tasks} tasks, protocol "
         f"{first.protocol.name}, arch {first.agent.arch}), seeds "
         f"{', '.join(str(spec.seed) for spec in specs)} side by side, device {first.device}, "
+        f"envs {f'in {workers} worker processes' if workers else 'in this process'}, "
         f"{first.train.num_steps:,} steps -> {run_dirs[0].parent}",
         file=sys.stderr,
     )
     trainers: list[Trainer] = []
     started = time.perf_counter()
-    try:
-        for spec, seed_dir, checkpoint in zip(specs, run_dirs, checkpoints, strict=True):
-            seed_everything(spec.seed)  # network initialisation as in the seed's single run
-            trainers.append(
-                Trainer(spec, seed_dir, checkpoint=checkpoint, resume_hint=resume_hint,
-                        in_group=True)
-            )
-        results = SeedGroupTrainer(trainers, resume_hint).run()
-    finally:
-        for trainer in trainers:
-            trainer.close()
+    with contextlib.ExitStack() as stack:
+        make_env: Callable[..., Any] = make_multitask_env
+        if workers:
+            make_env = in_workers(stack.enter_context(EnvWorkerPool(workers)))
+        try:
+            for spec, seed_dir, checkpoint in zip(specs, run_dirs, checkpoints, strict=True):
+                seed_everything(spec.seed)  # network initialisation as in the seed's single run
+                trainers.append(
+                    Trainer(spec, seed_dir, checkpoint=checkpoint, resume_hint=resume_hint,
+                            in_group=True, make_env=make_env)
+                )
+            results = SeedGroupTrainer(trainers, resume_hint).run()
+        finally:
+            for trainer in trainers:
+                trainer.close()
     print(
         f"mtrl_ntk: {len(trainers)} seeds finished in {time.perf_counter() - started:.0f} s",
         file=sys.stderr,

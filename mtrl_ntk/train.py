@@ -791,7 +791,11 @@ def _previous_result(run_dir: Path, resume: bool = False) -> dict[str, Any] | No
 
 
 # Settings a resumed run may change: they do not change what is computed.
-_RESUMABLE_CHANGES = ("resume", "debug", "train.progress_bar")
+_RESUMABLE_CHANGES = (
+    "resume", "debug", "train.progress_bar",
+    # Where the seeds run, not what they compute (and keys older runs' configs lack).
+    "seeds", "seed_group", "env.seed_workers",
+)
 
 
 def _check_resumed_config(run_dir: Path, cfg: DictConfig) -> None:

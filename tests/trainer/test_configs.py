@@ -207,6 +207,8 @@ def test_valid_choices_pass() -> None:
         (["seeds=[]"], r"seeds must be a non-empty list"),
         (["seeds=[1,-2]"], r"seeds must be .* >= 0"),
         (["seeds=[0,1]", "seed_group=false"], r"seed_group=false"),
+        (["env.seed_workers=-1"], r"env.seed_workers must be auto or an integer >= 0, got -1"),
+        (["env.seed_workers=many"], r"env.seed_workers must be auto or an integer"),
     ],
 )
 def test_invalid_settings_raise_one_line_naming_the_key(
@@ -215,6 +217,15 @@ def test_invalid_settings_raise_one_line_naming_the_key(
     with pytest.raises(ConfigError, match=expected) as error:
         build_run_spec(composed("device=cpu", *overrides))
     assert "\n" not in str(error.value)
+
+
+def test_seed_workers_auto_leaves_a_core_to_the_learner() -> None:
+    spec = build_run_spec(composed("device=cpu"))
+    assert spec.seed_workers is None  # auto
+    assert [spec.seed_worker_count(10, cores) for cores in (1, 2, 4, 16)] == [0, 0, 3, 10]
+    assert spec.seed_worker_count(2, 16) == 2  # never more workers than seeds
+    fixed = build_run_spec(composed("device=cpu", "env.seed_workers=4"))
+    assert fixed.seed_worker_count(10, 2) == 4 and fixed.seed_worker_count(3, 2) == 3
 
 
 def test_architectures_all_validate() -> None:

@@ -163,10 +163,12 @@ def test_finished_seeds_are_skipped_and_the_others_trained(
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """seed=0..1 with ls, uninterrupted: what a resumed group must reproduce."""
+    """seed=0..1 with ls, uninterrupted, its envs in one worker process: what a resumed
+    group (its envs in this process or in the worker) must reproduce exactly."""
     runs_dir = tmp_path_factory.mktemp("pair")
-    completed = run_group(runs_dir, "seed=0..1")
+    completed = run_group(runs_dir, "seed=0..1", "env.seed_workers=1")
     assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "envs in 1 worker processes" in completed.stderr
     return runs_dir
 
 
@@ -182,7 +184,7 @@ def assert_group_reproduces(runs_dir: Path, reference: Path) -> None:
 def test_a_killed_group_resumes_to_the_uninterrupted_groups_results(
     pair: Path, tmp_path: Path
 ) -> None:
-    killed = run_group(tmp_path, "seed=0..1", "debug.kill_at_step=50")
+    killed = run_group(tmp_path, "seed=0..1", "debug.kill_at_step=50", "env.seed_workers=0")
     assert killed.returncode == -9, killed.stderr[-3000:]
     steps = [CheckpointManager(seed_dir(tmp_path, seed)).latest().step for seed in (0, 1)]
     assert steps == [40, 40]
@@ -191,7 +193,7 @@ def test_a_killed_group_resumes_to_the_uninterrupted_groups_results(
     # both seeds at one step, is the SIGTERM test's resume below.)
     newest = CheckpointManager(seed_dir(tmp_path, 1)).checkpoint_paths()[-1]
     newest.unlink()
-    resumed = run_group(tmp_path, "seed=0..1", "resume=true")
+    resumed = run_group(tmp_path, "seed=0..1", "resume=true", "env.seed_workers=1")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stderr.count(f"from step-{20:012d}.pt") == 2, resumed.stderr[-3000:]
     assert_group_reproduces(tmp_path, pair)
@@ -203,7 +205,7 @@ def test_sigterm_checkpoints_every_seed_and_the_printed_command_resumes_the_grou
 ) -> None:
     env_dir = tmp_path
     process = subprocess.Popen(
-        [sys.executable, "run_mt10.py", *SHORT, "seed=0..1"],
+        [sys.executable, "run_mt10.py", *SHORT, "seed=0..1", "env.seed_workers=0"],
         cwd=REPOSITORY, env={**os.environ, "MTRL_NTK_RUNS_DIR": str(env_dir)},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
