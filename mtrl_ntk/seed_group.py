@@ -291,11 +291,12 @@ def _train_pending(
     tune_cpu_allocator()
     first = specs[0]
     workers = first.seed_worker_count(len(specs), os.cpu_count())
+    where = f"{workers} worker process{'es' * (workers > 1)}" if workers else "this process"
     print(
         f"mtrl_ntk: {first.combiner_name} on {first.benchmark} ({first.num_tasks} tasks, protocol "
         f"{first.protocol.name}, arch {first.agent.arch}), seeds "
         f"{', '.join(str(spec.seed) for spec in specs)} side by side, device {first.device}, "
-        f"envs {f'in {workers} worker processes' if workers else 'in this process'}, "
+        f"envs in {where}, "
         f"{first.train.num_steps:,} steps -> {run_dirs[0].parent}",
         file=sys.stderr,
     )

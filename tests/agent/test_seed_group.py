@@ -218,7 +218,7 @@ def test_load_state_dict_into_a_grouped_agent_writes_into_the_group(name: str) -
 
 # Nash-MTL's compile (40 unrolled Newton steps, ~30 s) is left to test_captured_update.py,
 # which compiles every combiner; here the vmapped update is what is new.
-@pytest.mark.parametrize("name", ["ls", "ntkmtl", "pcgrad", "famo"])
+@pytest.mark.parametrize("name", ["ntkmtl", "pcgrad", "famo"])
 def test_compiled_group_is_one_graph_and_makes_the_eager_groups_updates(name: str) -> None:
     eager, compiled = make_group(name), make_group(name, compile=True,
                                                    compile_backend="aot_eager")

@@ -168,7 +168,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
     runs_dir = tmp_path_factory.mktemp("pair")
     completed = run_group(runs_dir, "seed=0..1", "env.seed_workers=1")
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "envs in 1 worker processes" in completed.stderr
+    assert "envs in 1 worker process," in completed.stderr
     return runs_dir
 
 
