@@ -43,6 +43,7 @@ page faults for the engine's large temporary tensors) unless
 
 ``--seeds S`` measures the loop of a seed group (``mtrl_ntk.seed_group``): S seeds'
 trainers in lock step, one policy call and one vmapped update for all of them
+(``--seeds 1`` is a single run, as ``seed=k..k`` is)
 (``update`` is that one call; the other phases add up every seed's). Steps/s are
 the group's (every seed advanced that many steps); ``seed_steps_per_second`` is S
 times it, and the projection is the time of all S seeds' runs.
@@ -301,6 +302,9 @@ def measure(
     """Run the loop and return the breakdown (see the module docstring)."""
     from mtrl_ntk.seed_group import SeedGroupTrainer, seed_config
     from mtrl_ntk.train import Trainer, seed_everything
+
+    if seeds == 1:
+        seeds = None  # as run_mt10.py runs seed=k..k: a single run, not a group of one
 
     cfg = compose_config(preset, overrides)
     # Cadences of a real run, for the projection, before this benchmark shortens them.
