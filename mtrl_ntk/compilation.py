@@ -95,6 +95,19 @@ class MaybeCompiled(Generic[R]):
         )
 
 
+def capture_mode(device: torch.device, backend: str | Callable) -> str | None:
+    """``torch.compile``'s mode for the agent's graphs: a CUDA graph on CUDA with inductor."""
+    return "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+
+
+def begin_captured_step(fn: MaybeCompiled, device: torch.device) -> None:
+    """Before a call of ``fn`` captured as a CUDA graph: a new step begins, so the outputs
+    of the previous replays (already consumed: copied to the host or added into sums) may
+    be overwritten."""
+    if fn.compiled and device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def _own_code(fn: Callable[..., R]) -> Callable[..., R]:
     """``fn`` behind a trampoline with a code object of its own.
 

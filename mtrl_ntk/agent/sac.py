@@ -68,7 +68,7 @@ from torch.func import functional_call
 from mtrl_ntk import foreach
 from mtrl_ntk.agent.models import Actor, TwinCritic, check_architecture, tanh_gaussian_sample
 from mtrl_ntk.combiners.base import GradientCombiner, make_combiner
-from mtrl_ntk.compilation import MaybeCompiled
+from mtrl_ntk.compilation import MaybeCompiled, begin_captured_step, capture_mode
 from mtrl_ntk.engine import EngineResult, TaskGradientEngine
 from mtrl_ntk.optim import CapturableAdam
 
@@ -232,11 +232,14 @@ class MultiTaskSAC:
         # The same function objects at every update, so that compiled code is reused.
         self._critic_loss_fn = self.critic_loss
         self._actor_loss_fn = self.actor_loss_against_critic
+        mode = capture_mode(self.device, compile_backend)
         self._update_fn = MaybeCompiled(
             self.update_graph, "the SAC update", compile, compile_backend, fullgraph=True,
-            mode="reduce-overhead" if self.device.type == "cuda" and compile_backend == "inductor"
-            else None,
-            static_tensors=self._state_tensors() if compile else (),
+            mode=mode, static_tensors=self._state_tensors() if compile else (),
+        )
+        # The policy of every environment step (and evaluation step): one graph too.
+        self._act_fn = MaybeCompiled(
+            self.act_with_noise, "the policy", compile, compile_backend, fullgraph=True, mode=mode
         )
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
@@ -276,7 +279,8 @@ class MultiTaskSAC:
         noise = None if deterministic else torch.randn(
             (obs.shape[0], self.action_dim), generator=self.generator, device=self.device
         )
-        return self.act_with_noise(obs, noise)
+        begin_captured_step(self._act_fn, self.device)
+        return self._act_fn(obs, noise)
 
     @torch.no_grad()
     def act_with_noise(self, obs: Tensor, noise: Tensor | None) -> Tensor:
@@ -384,10 +388,9 @@ class MultiTaskSAC:
         )
         critic_random = self.critic_combiner.draw_random(self.critic_engine.shared_dim, self.device)
         actor_random = self.actor_combiner.draw_random(self.actor_engine.shared_dim, self.device)
-        if self._update_fn.compiled and self.device.type == "cuda":
-            # One CUDA-graph replay per update: the previous update's outputs (the metrics,
-            # already added into the trainer's sums) may be overwritten.
-            torch.compiler.cudagraph_mark_step_begin()
+        # The previous replay's outputs (the metrics, already added into the trainer's sums)
+        # may be overwritten.
+        begin_captured_step(self._update_fn, self.device)
         return self._update_fn(
             batch.obs, batch.action, batch.reward, batch.next_obs, batch.done,
             noise, critic_random, actor_random,

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from mtrl_ntk import foreach
 from mtrl_ntk.agent.sac import BatchLike, MultiTaskSAC
-from mtrl_ntk.compilation import MaybeCompiled
+from mtrl_ntk.compilation import MaybeCompiled, begin_captured_step, capture_mode
 
 _LEAVES = (
     str, bytes, int, float, bool, complex, type(None), type, enum.Enum, torch.device,
@@ -199,12 +199,14 @@ class SeedGroupSAC:
             )
         self._template = template
         self._sites = TensorSites(template, template._state_tensors())
+        mode = capture_mode(self.device, compile_backend)
         self._update_fn = MaybeCompiled(
             self.update_graph, "the seed group's SAC update", compile, compile_backend,
-            fullgraph=True,
-            mode="reduce-overhead" if self.device.type == "cuda" and compile_backend == "inductor"
-            else None,
-            static_tensors=self.stacked if compile else (),
+            fullgraph=True, mode=mode, static_tensors=self.stacked if compile else (),
+        )
+        self._act_fn = MaybeCompiled(
+            self.act_graph, "the seed group's policy", compile, compile_backend, fullgraph=True,
+            mode=mode,
         )
 
     @property
@@ -241,8 +243,13 @@ class SeedGroupSAC:
                 )
                 for agent in self.agents
             ])
+        begin_captured_step(self._act_fn, self.device)
         with foreach.seed_axis():
-            return self._vmapped(self._template.act_with_noise, obs, noise)
+            return self._act_fn(obs, noise)
+
+    def act_graph(self, obs: Tensor, noise: Tensor | None) -> Tensor:
+        """``MultiTaskSAC.act_with_noise`` of every seed at once (inside ``seed_axis()``)."""
+        return self._vmapped(self._template.act_with_noise, obs, noise)
 
     # -- the update --------------------------------------------------------------------
 
@@ -270,8 +277,7 @@ class SeedGroupSAC:
             agent.actor_combiner.draw_random(agent.actor_engine.shared_dim, self.device)
             for agent in self.agents
         ])
-        if self._update_fn.compiled and self.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
+        begin_captured_step(self._update_fn, self.device)
         with foreach.seed_axis():
             return self._update_fn(*stacked, noise, critic_random, actor_random)
 

@@ -101,6 +101,18 @@ def test_inductor_compiled_update_makes_the_eager_updates() -> None:
     assert_same_state(compiled.state_dict(), eager.state_dict())
 
 
+def test_compiled_policy_acts_as_the_eager_one() -> None:
+    eager, compiled = make_agent("ls"), make_agent("ls", compile=True)
+    obs = torch.randn(TASKS, OBS, generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
+        for deterministic in (True, False, False, True):  # both graphs, twice each
+            torch.testing.assert_close(
+                compiled.act(obs, deterministic), eager.act(obs, deterministic)
+            )
+    assert compiled._act_fn.compiled
+
+
 def test_compiled_update_does_not_recompile() -> None:
     agent = make_agent("nashmtl", compile=True)
     torch._dynamo.reset()

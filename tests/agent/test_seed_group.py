@@ -233,6 +233,18 @@ def test_compiled_group_is_one_graph_and_makes_the_eager_groups_updates(name: st
         assert_same_agent_state(got_agent, expected_agent, loose=name == "famo")
 
 
+def test_compiled_group_policy_acts_as_the_eager_one() -> None:
+    eager, compiled = make_group("ls"), make_group("ls", compile=True, compile_backend="aot_eager")
+    obs = torch.randn(len(SEEDS), TASKS, OBS, generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for deterministic in (True, False, False, True):
+            torch.testing.assert_close(
+                compiled.act(obs, deterministic), eager.act(obs, deterministic)
+            )
+    assert compiled._act_fn.compiled
+
+
 def stacked_inputs(group: SeedGroupSAC, step: int) -> tuple[torch.Tensor | None, ...]:
     """The arguments of ``group.update_graph`` for one update: the batches, the policy noise
     and the combiners' random numbers, stacked over seeds (drawn outside the count)."""
