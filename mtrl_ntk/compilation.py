@@ -8,7 +8,10 @@ synchronisation. On CUDA it uses ``mode="reduce-overhead"``, which captures the
 graph as a CUDA graph and replays it at every update (one launch instead of one
 per kernel). The tensors the update changes in place (parameters, optimiser
 and combiner state, the guard's counters) are marked as static addresses, so
-that the CUDA graph updates them where they are instead of copying them.
+that the CUDA graph updates them where they are instead of copying them. The
+policy (``act_with_noise``, called at every environment and evaluation step) is
+compiled the same way, one graph with noise and one without. A seed group
+(``mtrl_ntk.agent.seeds``) compiles its vmapped update and policy likewise.
 
 ``torch.autograd.grad`` (the loss-based engine path, NTKMTL-SR's gradient to the
 representation, the temperature) is traced into the graph with dynamo's
