@@ -86,21 +86,30 @@ def common_checkpoints(
     latest = [CheckpointManager(run_dir).latest() for run_dir in run_dirs]
     steps = [0 if checkpoint is None else checkpoint.step for checkpoint in latest]
     target = min(steps)
+    if target == 0:  # a seed without a checkpoint: all from scratch, or none
+        if max(steps) == 0:
+            return latest
+        missing = next(seed for seed, step in zip(seeds, steps, strict=True) if step == 0)
+        raise _no_common_step(seeds, steps, missing, target)
     chosen: list[Checkpoint | None] = []
     for seed, run_dir, checkpoint in zip(seeds, run_dirs, latest, strict=True):
         if checkpoint is not None and checkpoint.step > target:
             checkpoint = CheckpointManager(run_dir).latest(at_most=target)
-        if (0 if checkpoint is None else checkpoint.step) != target or (
-            target == 0 and max(steps) > 0
-        ):
-            holders = [f"seed {s} at step {step}" for s, step in zip(seeds, steps, strict=True)]
-            raise ConfigError(
-                f"the seeds of this group cannot resume from one step (their newest checkpoints: "
-                f"{', '.join(holders)}; seed {seed} has none at step {target}); resume them one "
-                "by one with seed=<k> resume=true, or as separate jobs with seed_group=false"
-            )
+        if checkpoint is None or checkpoint.step != target:
+            raise _no_common_step(seeds, steps, seed, target)
         chosen.append(checkpoint)
     return chosen
+
+
+def _no_common_step(
+    seeds: Sequence[int], steps: Sequence[int], seed: int, target: int
+) -> ConfigError:
+    holders = [f"seed {s} at step {step}" for s, step in zip(seeds, steps, strict=True)]
+    return ConfigError(
+        f"the seeds of this group cannot resume from one step (their newest checkpoints: "
+        f"{', '.join(holders)}; seed {seed} has none at step {target}); resume them one "
+        "by one with seed=<k> resume=true, or as separate jobs with seed_group=false"
+    )
 
 
 def in_workers(pool: EnvWorkerPool) -> Callable[..., Any]:
@@ -183,8 +192,12 @@ class SeedGroupTrainer:
                 trainer._actions(obs)
                 for trainer, obs in zip(self.trainers, observations, strict=True)
             ]
-        obs = torch.as_tensor(np.stack(observations), device=self.spec.device)  # [S, T, D]
-        return list(self.group.act(obs, deterministic=False).cpu().numpy())
+        return list(self._policy(np.stack(observations), deterministic=False))
+
+    def _policy(self, observations: np.ndarray, deterministic: bool) -> np.ndarray:
+        """Every seed's actions [S, T, A] for observations [S, T, D], in one call."""
+        obs = torch.as_tensor(observations, device=self.spec.device)
+        return self.group.act(obs, deterministic=deterministic).cpu().numpy()
 
     def _evaluations(self) -> list[tuple[dict[str, float], float] | None]:
         """Every seed's evaluation when one is due (None otherwise), run side by side: one
@@ -194,10 +207,7 @@ class SeedGroupTrainer:
         evaluators = [trainer.ensure_evaluator() for trainer in self.trainers]
         started = time.perf_counter()
         successes = evaluate_together(
-            evaluators,
-            lambda obs: self.group.act(
-                torch.as_tensor(obs, device=self.spec.device), deterministic=True
-            ).cpu().numpy(),
+            evaluators, lambda obs: self._policy(obs, deterministic=True)
         )
         seconds = time.perf_counter() - started
         return [(success, seconds) for success in successes]
@@ -228,10 +238,6 @@ class SeedGroupTrainer:
                 f"the group checkpointed ({paths[0].name}). Resume with: {self.resume_hint}",
                 stop.requested,
             )
-
-    def close(self) -> None:
-        for trainer in self.trainers:
-            trainer.close()
 
 
 def train_seed_group(

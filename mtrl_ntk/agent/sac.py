@@ -276,11 +276,15 @@ class MultiTaskSAC:
     def act(self, obs: Tensor, deterministic: bool) -> Tensor:
         """Actions [T, A] for one observation per task (row i = task i): tanh(μ) or a sample."""
         obs = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
-        noise = None if deterministic else torch.randn(
-            (obs.shape[0], self.action_dim), generator=self.generator, device=self.device
-        )
+        noise = None if deterministic else self.draw_action_noise(obs.shape[0])
         begin_captured_step(self._act_fn, self.device)
         return self._act_fn(obs, noise)
+
+    def draw_action_noise(self, num_tasks: int) -> Tensor:
+        """The Gaussian noise [T, A] of one stochastic ``act``, from the agent's generator."""
+        return torch.randn(
+            (num_tasks, self.action_dim), generator=self.generator, device=self.device
+        )
 
     @torch.no_grad()
     def act_with_noise(self, obs: Tensor, noise: Tensor | None) -> Tensor:
@@ -383,11 +387,7 @@ class MultiTaskSAC:
         num_tasks, per_task = batch.reward.shape
         if num_tasks != self.num_tasks:
             raise ValueError(f"batch has {num_tasks} tasks, the agent has {self.num_tasks}")
-        noise = torch.randn(
-            (2, num_tasks, per_task, self.action_dim), generator=self.generator, device=self.device
-        )
-        critic_random = self.critic_combiner.draw_random(self.critic_engine.shared_dim, self.device)
-        actor_random = self.actor_combiner.draw_random(self.actor_engine.shared_dim, self.device)
+        noise, critic_random, actor_random = self.draw_update_random(num_tasks, per_task)
         # The previous replay's outputs (the metrics, already added into the trainer's sums)
         # may be overwritten.
         begin_captured_step(self._update_fn, self.device)
@@ -395,6 +395,18 @@ class MultiTaskSAC:
             batch.obs, batch.action, batch.reward, batch.next_obs, batch.done,
             noise, critic_random, actor_random,
         )
+
+    def draw_update_random(
+        self, num_tasks: int, per_task: int
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """One update's random numbers, from the agent's own generators: the policy noise
+        [2, T, B_t, A] and both combiners' ``draw_random`` (None when one draws none)."""
+        noise = torch.randn(
+            (2, num_tasks, per_task, self.action_dim), generator=self.generator, device=self.device
+        )
+        critic_random = self.critic_combiner.draw_random(self.critic_engine.shared_dim, self.device)
+        actor_random = self.actor_combiner.draw_random(self.actor_engine.shared_dim, self.device)
+        return noise, critic_random, actor_random
 
     def update_graph(
         self,

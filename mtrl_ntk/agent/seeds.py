@@ -237,12 +237,7 @@ class SeedGroupSAC:
         self._check_seeds(obs.shape[0], "observations")
         noise = None
         if not deterministic:
-            noise = torch.stack([
-                torch.randn(
-                    (obs.shape[1], agent.action_dim), generator=agent.generator, device=self.device
-                )
-                for agent in self.agents
-            ])
+            noise = torch.stack([agent.draw_action_noise(obs.shape[1]) for agent in self.agents])
         begin_captured_step(self._act_fn, self.device)
         with foreach.seed_axis():
             return self._act_fn(obs, noise)
@@ -262,21 +257,10 @@ class SeedGroupSAC:
             for field in ("obs", "action", "reward", "next_obs", "done")
         ]
         num_tasks, per_task = batches[0].reward.shape
-        noise = torch.stack([
-            torch.randn(
-                (2, num_tasks, per_task, agent.action_dim), generator=agent.generator,
-                device=self.device,
-            )
-            for agent in self.agents
-        ])
-        critic_random = _stack_draws([
-            agent.critic_combiner.draw_random(agent.critic_engine.shared_dim, self.device)
-            for agent in self.agents
-        ])
-        actor_random = _stack_draws([
-            agent.actor_combiner.draw_random(agent.actor_engine.shared_dim, self.device)
-            for agent in self.agents
-        ])
+        draws = [agent.draw_update_random(num_tasks, per_task) for agent in self.agents]
+        noise = torch.stack([draw[0] for draw in draws])
+        critic_random = _stack_draws([draw[1] for draw in draws])
+        actor_random = _stack_draws([draw[2] for draw in draws])
         begin_captured_step(self._update_fn, self.device)
         with foreach.seed_axis():
             return self._update_fn(*stacked, noise, critic_random, actor_random)

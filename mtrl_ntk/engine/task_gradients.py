@@ -138,7 +138,7 @@ class TaskJacobian:
 def _add_row_products(total: Tensor, rows: Tensor) -> None:
     """total += rows @ rows.T for rows [R, k], in cache-sized column chunks where that is faster."""
     num_rows, width = rows.shape
-    if rows.device.type != "cpu" or num_rows > _CHUNKED_PRODUCT_MAX_ROWS or foreach.in_seed_axis():
+    if rows.device.type != "cpu" or num_rows > _CHUNKED_PRODUCT_MAX_ROWS:
         total.addmm_(rows, rows.T)
         return
     step = max(1, _CHUNK_ELEMENTS // num_rows)
@@ -368,17 +368,25 @@ class TaskGradientEngine:
         # every ∂ℓ_{i,m}/∂z_u at once; summing over the mini-batch's samples gives the row
         # of J_i(z) whose inner products are Eq. 17's kernel.
         (z_grad,) = torch.autograd.grad(minibatch_losses.sum(), representation, retain_graph=True)
-        representation_jacobian = z_grad.reshape(num_tasks, n, per_task // n, -1).sum(dim=2)
-        task_losses = minibatch_losses.mean(dim=1)
+        output = self._combine_representation(combiner, minibatch_losses, z_grad, random)
+        return self._backward_weighted(minibatch_losses.mean(dim=1), output)
+
+    def _combine_representation(
+        self, combiner: GradientCombiner, minibatch_losses: Tensor, z_grad: Tensor,
+        random: Tensor | None,
+    ) -> CombinerOutput:
+        """The combiner's output from the mini-batch losses [T, n] and ∂(Σ ℓ_{i,m})/∂z
+        [T * B_t, h]: summing each mini-batch's samples gives the rows of J_i(z)."""
+        num_tasks, n = minibatch_losses.shape
+        representation_jacobian = z_grad.reshape(num_tasks, n, -1, z_grad.shape[-1]).sum(dim=2)
         stats = TaskStats(
             num_tasks=num_tasks,
             num_minibatches=n,
-            losses=task_losses.detach(),
+            losses=minibatch_losses.mean(dim=1).detach(),
             representation_jacobian=representation_jacobian.detach(),
             random=random,
         )
-        output = self._combine(combiner, stats, has_jacobian=False)
-        return self._backward_weighted(task_losses, output)
+        return self._combine(combiner, stats, has_jacobian=False)
 
     def _representation_path_func(
         self, loss_fn: LossFn, batch: dict[str, Tensor], combiner: GradientCombiner,
@@ -414,15 +422,7 @@ class TaskGradientEngine:
             lambda offset: minibatch_losses_of(self.params, offset), offset
         )
         (z_grad,) = pullback_z(torch.ones_like(minibatch_losses))
-        representation_jacobian = z_grad.reshape(num_tasks, n, per_task // n, -1).sum(dim=2)
-        stats = TaskStats(
-            num_tasks=num_tasks,
-            num_minibatches=n,
-            losses=minibatch_losses.mean(dim=1).detach(),
-            representation_jacobian=representation_jacobian.detach(),
-            random=random,
-        )
-        output = self._combine(combiner, stats, has_jacobian=False)
+        output = self._combine_representation(combiner, minibatch_losses, z_grad, random)
         task_losses, pullback = torch.func.vjp(
             lambda params: minibatch_losses_of(params, None).mean(dim=1), self.params
         )

@@ -156,6 +156,16 @@ one (their checkpoints predate EnvPool), so old and new checkpoints have the sam
 _EnvT = TypeVar("_EnvT", bound="MultiTaskEnvBase")
 
 
+def checked_actions(actions: np.ndarray, num_tasks: int, action_dim: int) -> np.ndarray:
+    """``actions`` as float32 [T, A]; a ValueError for any other shape (before any work)."""
+    actions = np.asarray(actions, dtype=np.float32)
+    if actions.shape != (num_tasks, action_dim):
+        raise ValueError(
+            f"actions have shape {actions.shape}; expected (T, A) = ({num_tasks}, {action_dim})"
+        )
+    return actions
+
+
 class MultiTaskEnvBase:
     """What every backend's multi-task env shares, so they cannot drift apart.
 
@@ -277,12 +287,7 @@ class MultiTaskEnvBase:
             raise RuntimeError("MultiTaskEnv.step called before reset()")
         if self._pending_actions is not None:
             raise RuntimeError("MultiTaskEnv.step_async called again before step_wait()")
-        actions = np.asarray(actions, dtype=np.float32)
-        if actions.shape != (self.num_tasks, self.action_dim):
-            raise ValueError(
-                f"actions have shape {actions.shape}; expected (T, A) = "
-                f"({self.num_tasks}, {self.action_dim})"
-            )
+        actions = checked_actions(actions, self.num_tasks, self.action_dim)
         self._send_actions(actions)
         self._pending_actions = actions
 

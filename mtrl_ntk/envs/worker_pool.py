@@ -59,6 +59,7 @@ from mtrl_ntk.envs.metaworld_env import (
     MultiTaskEnvBase,
     VectorStrategy,
     _stop_signals_blocked,
+    checked_actions,
     make_multitask_env,
 )
 from mtrl_ntk.envs.protocols import Protocol
@@ -298,12 +299,7 @@ class EnvProxy:
         self._ensure_open()
         if self._step_request is not None:
             raise RuntimeError("MultiTaskEnv.step_async called again before step_wait()")
-        actions = np.asarray(actions, dtype=np.float32)
-        if actions.shape != (self.num_tasks, self.action_dim):
-            raise ValueError(
-                f"actions have shape {actions.shape}; expected (T, A) = "
-                f"({self.num_tasks}, {self.action_dim})"
-            )
+        actions = checked_actions(actions, self.num_tasks, self.action_dim)
         self._step_request = self._worker.send((self._env_id, "step", (actions,)), "step")
 
     def step_wait(self) -> StepResult:
