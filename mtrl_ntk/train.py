@@ -561,8 +561,10 @@ class Trainer:
             eval_started = time.perf_counter()
             self._evaluate(elapsed=eval_started - (self._started or eval_started),
                            evaluation=evaluation)
+            # Steps/s leave evaluations out: this one's, and a seed group's, run before.
+            seconds = time.perf_counter() - eval_started + (evaluation[1] if evaluation else 0.0)
             start, step, eval_seconds = self._window
-            self._window = (start, step, eval_seconds + time.perf_counter() - eval_started)
+            self._window = (start, step, eval_seconds + seconds)
             if progress is not None:
                 progress.set_postfix(eval=f"{self.last_eval['eval/success_mean']:.2f}")
         path = self._maybe_checkpoint(obs, stop)
