@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mtrl_ntk.combiners import available_combiners
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,3 +30,27 @@ def test_bench_combiners_quick_json_covers_every_combiner() -> None:
             value = result[key]
             assert isinstance(value, float) and math.isfinite(value) and value > 0, (row, key)
     assert results["ls_backward"]["ratio_to_ls"] == 1.0
+
+
+@pytest.mark.slow
+def test_bench_env_scaling_reports_every_envpool_row() -> None:
+    pytest.importorskip("envpool", reason="envpool is not installed")
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_env_scaling.py"), "--backend", "envpool",
+         "--steps", "3", "--warmup", "1", "--rounds", "1", "--json"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout)
+    assert result["protocol"] == "mwplus"  # EnvPool serves only v2-reward protocols
+    rows = result["rows"]
+    cores = result["usable_cores"]
+    expected = {f"envpool_{w}" for w in range(1, cores + 1)}
+    expected |= {"envpool_within_1", "envpool_pools_1", "envpool_ceiling_1"}
+    assert set(rows) == expected
+    for name, row in rows.items():
+        rate = row["transitions_per_second"]
+        assert isinstance(rate, float) and math.isfinite(rate) and rate > 0, name
+        assert row["x_metaworld"] is None  # Meta-World was not measured
+    assert rows["envpool_1"]["efficiency"] == 1.0
+    assert rows["envpool_ceiling_1"]["timed"] == "ceiling"

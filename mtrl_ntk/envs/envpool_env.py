@@ -20,9 +20,10 @@ What EnvPool's Meta-World is, found by reading envpool 1.2.5 and by experiment
   We get a protocol's finite goal set back from the one thing that is fixed: the
   first reset of a pool built with seed s always gives the same goal. Goal k of
   task i is the first reset of a pool seeded with `_goal_seed(seed, i, k)`, so every
-  episode runs in a freshly built one-env pool (about 15-20 ms of CPU per task and
-  episode, mostly MuJoCo compiling the model; a background thread builds the next
-  episode's pool while the current one runs, so a spare core hides it). The goals differ
+  episode runs in a freshly built one-env pool (about 17 ms of CPU per task and
+  episode: 12 ms building, mostly MuJoCo compiling the model, and 5 ms of reset
+  physics). A background thread builds the next episode's pool while the current one
+  runs; the build holds Python's GIL, so a spare core hides only the reset. The goals differ
   from Meta-World's for the same seed (another RNG), but are drawn from the same
   goal space, one set of `num_goals` per task, visited as Meta-World visits them
   (uniformly at random in training, in shuffled cycles in evaluation).
@@ -333,6 +334,13 @@ class EnvPoolMultiTaskEnv(MultiTaskEnvBase):
         for task, sampler in enumerate(samplers):
             self._unprepare(task)
             self._set_sampler(task, sampler)
+
+    def settle(self) -> None:
+        """Wait until every prepared next-episode pool is built (a failed build raises
+        later, when its episode starts)."""
+        concurrent.futures.wait(
+            [prepared[1] for prepared in self._prepared if prepared is not None]
+        )
 
     def close(self) -> None:
         """Free every pool (its C++ thread and simulator). Idempotent."""

@@ -255,6 +255,13 @@ class MultiTaskEnvBase:
     def close(self) -> None:
         raise NotImplementedError
 
+    def settle(self) -> None:
+        """Wait for work this env started in the background (none here).
+
+        EnvPool builds each task's next-episode pool in a thread; benchmarks call this
+        at the end of a timed window so that the window pays for the episodes it ended.
+        """
+
     # -- the MultiTaskEnv interface ------------------------------------------------------
 
     def reset(self) -> np.ndarray:

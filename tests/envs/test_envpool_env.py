@@ -94,6 +94,10 @@ def test_steps_autoreset_with_the_true_final_observation_and_episode_statistics(
             obs = result.obs
         assert result.reward.dtype == np.float32
         np.testing.assert_array_equal(result.reward, result.raw_reward)  # mwplus: raw rewards
+        # The last step ended every episode and started building the next ones' pools in
+        # the background; settle() returns when they are built (benchmarks time it).
+        env.settle()
+        assert all(prepared is not None and prepared[1].done() for prepared in env._prepared)
         with pytest.raises(ValueError, match="expected"):
             env.step(np.zeros((3, 4)))
 
