@@ -327,6 +327,9 @@ class EnvProxy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._call("load_state_dict", state)
 
+    def settle(self) -> None:
+        self._call("settle")
+
     def close(self) -> None:
         """Close the env in its worker (after the step in flight, whose result and error
         are dropped). Idempotent; a dead worker's env counts as closed."""

@@ -94,6 +94,7 @@ def test_proxies_step_bit_for_bit_as_local_envs(pair: Pair) -> None:
             )
         if step % HORIZON == 0:
             for proxy, env in zip(pair.proxies, pair.local, strict=True):
+                proxy.settle()  # forwarded to the worker's env
                 assert proxy.state_dict() == env.state_dict()
                 assert proxy.episode_start_state_dict() == env.episode_start_state_dict()
                 np.testing.assert_array_equal(proxy.reward_std, env.reward_std)
