@@ -54,3 +54,20 @@ def test_bench_env_scaling_reports_every_envpool_row() -> None:
         assert row["x_metaworld"] is None  # Meta-World was not measured
     assert rows["envpool_1"]["efficiency"] == 1.0
     assert rows["envpool_ceiling_1"]["timed"] == "ceiling"
+
+
+@pytest.mark.slow
+def test_bench_eval_counts_fewer_simulated_task_steps_with_idle_tasks() -> None:
+    pytest.importorskip("envpool", reason="envpool is not installed")
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_eval.py"), "--episodes", "2",
+         "--horizon", "60", "--backend", "envpool", "--json"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    rows = json.loads(completed.stdout)["rows"]
+    assert set(rows) == {"envpool", "envpool_all_tasks"}
+    # Every task to the slowest task's last step: a multiple of the 10 tasks.
+    assert rows["envpool_all_tasks"]["task_steps"] % 10 == 0
+    assert rows["envpool"]["task_steps"] < rows["envpool_all_tasks"]["task_steps"]
+    assert rows["envpool"]["success"] == rows["envpool_all_tasks"]["success"]

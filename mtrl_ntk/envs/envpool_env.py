@@ -35,6 +35,9 @@ What EnvPool's Meta-World is, found by reading envpool 1.2.5 and by experiment
   own step count and end episodes at the horizon ourselves. Episodes never
   terminate on their own; evaluation ends an episode at its first success
   (`info["success"] > 0`), as Meta-World's AutoTerminateOnSuccessWrapper does.
+- Idle tasks (`idle_tasks`, used by evaluations for tasks that have counted all their
+  episodes): their pools are not sent actions until the next reset; a step returns
+  their last observation with zero reward and no episode end.
 - Threads: one pool (one env, one C++ worker thread) per task. `step_async` sends
   all T actions and returns, `step_wait` collects; the T threads run on whatever
   cores the process may use, so no process is forked and no signal reaches them.
@@ -155,6 +158,9 @@ class EnvPoolMultiTaskEnv(MultiTaskEnvBase):
         self._state_index: dict[str, int] = {}
         self._closed = False
         self._steps = np.zeros(self.num_tasks, dtype=np.int64)  # [T] steps of each episode
+        self._idle = np.zeros(self.num_tasks, dtype=bool)  # [T] not simulated (idle_tasks)
+        self._stepping = np.arange(self.num_tasks)  # the tasks of the step in flight
+        self._last_obs = np.zeros((self.num_tasks, _OBS_DIM))  # [T, D] what an idle task shows
         self._steps_in_workers = True  # as MultiTaskEnv's async strategy (trainer overlap)
 
     # -- goals -----------------------------------------------------------------------------
@@ -277,33 +283,41 @@ class EnvPoolMultiTaskEnv(MultiTaskEnvBase):
             self._cycle_positions = [0] * self.num_tasks
         obs = np.stack([self._start_episode(task, "reset") for task in range(self.num_tasks)])
         self._steps[:] = 0
+        self._idle = np.zeros(self.num_tasks, dtype=bool)
+        self._last_obs = obs
         return obs
 
+    def _set_idle(self, idle: np.ndarray) -> None:
+        self._idle = idle
+
     def _send_actions(self, actions: np.ndarray) -> None:
-        """Send every task's action to its pool and return; `step_wait` collects."""
-        for task, pool in enumerate(self._pools):
+        """Send every task's action to its pool (idle tasks': none) and return;
+        `step_wait` collects."""
+        self._stepping = np.flatnonzero(~self._idle)
+        for task in self._stepping:
             buffer = self._action_buffers[task]
             buffer[-1] = np.ascontiguousarray(actions[task : task + 1])
             try:
-                pool._send(buffer)
+                self._pools[task]._send(buffer)
             except RuntimeError as error:
                 raise EnvWorkerError(self._failure_message(task, "step", error)) from error
 
     def _collect_step(self, actions: np.ndarray) -> StepResult:
         index = self._state_index
-        obs = np.empty((self.num_tasks, self.obs_dim), dtype=np.float64)
-        raw_reward = np.empty(self.num_tasks, dtype=np.float64)
-        success = np.empty(self.num_tasks, dtype=bool)
-        for task, pool in enumerate(self._pools):
+        # Idle tasks: their last observation, no reward, no success, no end.
+        obs = self._last_obs.copy()
+        raw_reward = np.zeros(self.num_tasks, dtype=np.float64)
+        success = np.zeros(self.num_tasks, dtype=bool)
+        for task in self._stepping:
             try:
-                state = pool._recv()
+                state = self._pools[task]._recv()
             except RuntimeError as error:
                 raise EnvWorkerError(self._failure_message(task, "step", error)) from error
             obs[task] = state[index["obs"]][0]
             raw_reward[task] = state[index["reward"]][0]
             success[task] = state[index["info:success"]][0] > 0
-        self._steps += 1
-        truncated = self._steps >= self.max_episode_steps
+        self._steps[self._stepping] += 1
+        truncated = (self._steps >= self.max_episode_steps) & ~self._idle
         terminated = success if self.for_evaluation else np.zeros(self.num_tasks, dtype=bool)
         episode_end = terminated | truncated
         self._episodes.count_step(episode_end)
@@ -312,6 +326,7 @@ class EnvPoolMultiTaskEnv(MultiTaskEnvBase):
         for task in np.flatnonzero(episode_end):
             obs[task] = self._start_episode(int(task), "step")
             self._steps[task] = 0
+        self._last_obs = obs
         return self._step_result(
             obs, next_obs, raw_reward, terminated, truncated, success, episode_end
         )
@@ -352,7 +367,7 @@ class EnvPoolMultiTaskEnv(MultiTaskEnvBase):
         self._builder.shutdown(wait=True)
         for task, pool in enumerate(self._pools):
             if pool is not None:
-                if self._pending_actions is not None:
+                if self._pending_actions is not None and task in self._stepping:
                     with contextlib.suppress(RuntimeError):  # collect the step in flight
                         pool._recv()
                 pool.close()

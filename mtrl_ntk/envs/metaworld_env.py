@@ -255,6 +255,10 @@ class MultiTaskEnvBase:
     def close(self) -> None:
         raise NotImplementedError
 
+    def _set_idle(self, idle: np.ndarray) -> None:
+        """Stop simulating the tasks where idle [T] is true, if this backend can (see
+        `idle_tasks`); by default every task keeps stepping."""
+
     def settle(self) -> None:
         """Wait for work this env started in the background (none here).
 
@@ -273,6 +277,29 @@ class MultiTaskEnvBase:
         self._episodes.start_all()
         self._needs_reset = False
         return obs.astype(np.float32)
+
+    def idle_tasks(self, idle: np.ndarray) -> None:
+        """Stop stepping the tasks where idle [T] (bool) is true, until the next `reset()`.
+
+        For an evaluation whose tasks have counted all their episodes while others still
+        run. A backend that can (EnvPool: one pool per task) no longer simulates them: a
+        step returns their last observation with zero reward and no episode end. One that
+        cannot (Meta-World's vector env steps all its envs) keeps stepping them. Either
+        way the caller ignores those tasks' results. Not between `step_async` and
+        `step_wait`.
+        """
+        self._ensure_open()
+        if self._pending_actions is not None:
+            raise RuntimeError(
+                "MultiTaskEnv.idle_tasks called between step_async() and step_wait()"
+            )
+        idle = np.asarray(idle)
+        if idle.dtype != np.bool_ or idle.shape != (self.num_tasks,):
+            raise ValueError(
+                f"idle has dtype {idle.dtype} and shape {idle.shape}; expected bool "
+                f"({self.num_tasks},)"
+            )
+        self._set_idle(idle.copy())
 
     def step(self, actions: np.ndarray) -> StepResult:
         """Step every task with its action (actions [T, A]); see `StepResult`."""
@@ -678,7 +705,8 @@ def evaluate_together(
     env that still has episodes to count before any is collected, so envs that step
     elsewhere (worker processes, threads) step concurrently. Evaluator k's result is
     what ``evaluators[k](lambda obs: policy(...)[k])`` gives on its own: an env whose
-    episodes are all counted is not stepped again.
+    episodes are all counted is not stepped again, and a task whose episodes are all
+    counted is made idle (`MultiTaskEnv.idle_tasks`): EnvPool stops simulating it.
     """
     episodes = episodes_per_task
     if episodes is None:
@@ -688,7 +716,8 @@ def evaluate_together(
     envs = [evaluator.env for evaluator in evaluators]
     finished = [np.zeros(env.num_tasks, dtype=np.int64) for env in envs]  # [T] episodes counted
     successes = [np.zeros(env.num_tasks, dtype=np.int64) for env in envs]  # [T]
-    observations = [env.reset() for env in envs]
+    observations = [env.reset() for env in envs]  # reset: no task is idle
+    idle = [np.zeros(env.num_tasks, dtype=bool) for env in envs]  # [T] all episodes counted
     while True:
         running = [k for k, counted in enumerate(finished) if (counted < episodes).any()]
         if not running:
@@ -698,11 +727,16 @@ def evaluate_together(
             envs[k].step_async(actions[k])
         for k in running:
             result = envs[k].step_wait()
-            # Tasks that are done keep stepping (the vector env steps all); ignore them.
+            # Tasks that are done are ignored; the env stops simulating them if it can.
             counted = result.episode_end & (finished[k] < episodes)
             successes[k] += counted & result.episode_success
             finished[k] += counted
             observations[k] = result.obs
+        for k in running:
+            done = finished[k] >= episodes
+            if (done != idle[k]).any():
+                envs[k].idle_tasks(done)
+                idle[k] = done
     return [
         {name: float(wins[i] / episodes) for i, name in enumerate(env.task_names)}
         for env, wins in zip(envs, successes, strict=True)

@@ -330,6 +330,13 @@ class EnvProxy:
     def settle(self) -> None:
         self._call("settle")
 
+    def idle_tasks(self, idle: np.ndarray) -> None:
+        if self._step_request is not None:
+            raise RuntimeError(
+                "MultiTaskEnv.idle_tasks called between step_async() and step_wait()"
+            )
+        self._call("idle_tasks", np.asarray(idle))
+
     def close(self) -> None:
         """Close the env in its worker (after the step in flight, whose result and error
         are dropped). Idempotent; a dead worker's env counts as closed."""

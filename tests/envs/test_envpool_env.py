@@ -128,6 +128,82 @@ def test_a_protocol_goal_set_is_fixed_by_the_seed_and_sampled_per_episode() -> N
 
 
 @pytest.mark.slow
+def test_idle_tasks_are_not_simulated_and_the_others_step_as_before() -> None:
+    rng = np.random.default_rng(0)
+    idle = np.zeros(10, dtype=bool)
+    idle[[0, 3]] = True
+    with envpool_env(horizon=4, for_evaluation=True) as env, envpool_env(
+        horizon=4, for_evaluation=True
+    ) as reference:
+        env.reset()
+        reference.reset()
+        for action in actions(rng, 2):
+            env.step(action)
+            last = reference.step(action)
+        env.idle_tasks(idle)
+        sends: list[int] = []
+        for task in (0, 3):  # an idle task's pool is never sent an action
+            pool = env._pools[task]
+            pool._send = lambda *args, pool=pool: sends.append(1)
+        for action in actions(rng, 6):  # past the horizon of the tasks still stepping
+            got, expected = env.step(action), reference.step(action)
+            for field in ("obs", "next_obs", "reward", "episode_end", "success"):
+                np.testing.assert_array_equal(
+                    getattr(got, field)[~idle], getattr(expected, field)[~idle], err_msg=field
+                )
+            np.testing.assert_array_equal(got.obs[idle], last.obs[idle])  # frozen
+            assert not got.episode_end[idle].any() and (got.raw_reward[idle] == 0).all()
+        assert sends == []
+        with pytest.raises(ValueError, match="expected bool"):
+            env.idle_tasks(np.zeros(3, dtype=bool))
+        env.step_async(actions(rng, 1)[0])
+        with pytest.raises(RuntimeError, match="between step_async"):
+            env.idle_tasks(idle)
+        env.step_wait()
+        obs = env.reset()  # reset: every task steps again
+        assert not (env.step(actions(rng, 1)[0]).next_obs[idle] == obs[idle]).all()
+
+
+@pytest.mark.slow
+def test_an_evaluation_stops_simulating_tasks_whose_episodes_are_counted(monkeypatch) -> None:
+    """Reach's scripted expert succeeds in 40-60 steps, the other tasks never (zero
+    actions, 60-step horizon): reach has counted its 2 episodes before the others.
+    Its idle steps are not simulated, and the success rates are those of an evaluation
+    that simulates every task to the end."""
+    from metaworld.policies import ENV_POLICY_MAP
+
+    expert = ENV_POLICY_MAP["reach-v3"]()
+    reach = MT10.index("reach-v3")
+
+    def policy(obs: np.ndarray) -> np.ndarray:
+        action = np.zeros((len(MT10), 4), dtype=np.float32)
+        action[reach] = np.clip(expert.get_action(obs[reach].astype(np.float64)), -1, 1)
+        return action
+
+    simulated: list[int] = []
+    send_actions = EnvPoolMultiTaskEnv._send_actions
+
+    def counting(self, actions):
+        send_actions(self, actions)
+        simulated.append(len(self._stepping))
+
+    monkeypatch.setattr(EnvPoolMultiTaskEnv, "_send_actions", counting)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rates = evaluate(policy, "mt10", MWPLUS, seed=0, episodes_per_task=2,
+                         max_episode_steps=60, backend="envpool")
+        idle_steps = sum(simulated)
+        simulated.clear()
+        monkeypatch.setattr(EnvPoolMultiTaskEnv, "_set_idle", lambda self, idle: None)
+        reference = evaluate(policy, "mt10", MWPLUS, seed=0, episodes_per_task=2,
+                             max_episode_steps=60, backend="envpool")
+    assert rates == reference
+    assert rates["reach-v3"] == 1.0 and sum(rates.values()) == 1.0
+    assert sum(simulated) == 10 * 120  # every task to the last step of the slowest
+    assert sum(simulated) - idle_steps >= 10  # reach idles after its second success (~100)
+
+
+@pytest.mark.slow
 def test_checkpoint_state_resumes_the_same_goals_and_trajectory() -> None:
     rng = np.random.default_rng(2)
     steps = actions(rng, 12)
