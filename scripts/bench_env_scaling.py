@@ -86,37 +86,35 @@ def _envpool_pool(task_name: str, num_envs: int) -> Any:
     return pool
 
 
-def envpool_alone(
-    task_names: list[str], steps: int, rng: np.random.Generator, *, per_task: bool
-) -> float:
-    """EnvPool's own rate, no wrapper and no episode end (so no goal fixing):
-
-    - ``per_task=False``, the ceiling: each task alone in a one-thread pool of ten envs,
-      one task after another (one thread hand-off per ten transitions): the most any
-      EnvPool backend could reach per core on this machine;
-    - ``per_task=True``: the backend's layout, ten one-env pools (one per task) stepped
-      together with the same raw ``_send`` / ``_recv`` calls (one hand-off per transition).
-    """
+def envpool_pools_rate(task_names: list[str], steps: int, rng: np.random.Generator) -> float:
+    """The backend's layout without the backend: one one-env pool per task, stepped
+    together with the same raw ``_send`` / ``_recv`` calls (one thread hand-off per
+    transition), no wrapper and no episode end (so no goal fixing)."""
     steps = min(steps, PROTOCOLS["mwplus"].max_episode_steps - 1)  # no episode ends
-    if per_task:
-        pools = [_envpool_pool(name, 1) for name in task_names]
-        try:
-            buffers = [
-                pool._from(np.zeros((1, 4), np.float32), np.zeros(1, np.int32)) for pool in pools
-            ]
-            actions = [rng.uniform(-1, 1, (len(pools), 4)).astype(np.float32)
-                       for _ in range(steps)]
-            started = time.perf_counter()
-            for action in actions:
-                for task, pool in enumerate(pools):
-                    buffers[task][-1] = action[task : task + 1]
-                    pool._send(buffers[task])
-                for pool in pools:
-                    pool._recv()
-            return steps * len(pools) / (time.perf_counter() - started)
-        finally:
+    pools = [_envpool_pool(name, 1) for name in task_names]
+    try:
+        buffers = [
+            pool._from(np.zeros((1, 4), np.float32), np.zeros(1, np.int32)) for pool in pools
+        ]
+        actions = [rng.uniform(-1, 1, (len(pools), 4)).astype(np.float32) for _ in range(steps)]
+        started = time.perf_counter()
+        for action in actions:
+            for task, pool in enumerate(pools):
+                buffers[task][-1] = action[task : task + 1]
+                pool._send(buffers[task])
             for pool in pools:
-                pool.close()
+                pool._recv()
+        return steps * len(pools) / (time.perf_counter() - started)
+    finally:
+        for pool in pools:
+            pool.close()
+
+
+def envpool_ceiling_rate(task_names: list[str], steps: int, rng: np.random.Generator) -> float:
+    """EnvPool's own C++ step: each task alone in a one-thread pool of ten envs, one task
+    after another (one hand-off per ten transitions), no wrapper and no episode end: the
+    most any EnvPool backend could reach per core on this machine."""
+    steps = min(steps, PROTOCOLS["mwplus"].max_episode_steps - 1)  # no episode ends
     num_envs = 10
     elapsed = 0.0
     for name in task_names:
@@ -130,6 +128,10 @@ def envpool_alone(
         finally:
             pool.close()
     return steps * num_envs * len(task_names) / elapsed
+
+
+ALONE = {"pools": envpool_pools_rate, "ceiling": envpool_ceiling_rate}
+"""Rows that time EnvPool's pools directly, without a MultiTaskEnv."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     widths = list(range(1, len(available) + 1))
     # name -> (backend, vector strategy, cores, what is timed): "steps" = steps of the
     # backend's env with whatever episode ends fall in the window; "within" = the same
-    # env right after a reset, no episode end in the window; "ceiling" = EnvPool alone.
+    # env right after a reset, no episode end in the window; "pools" and "ceiling" =
+    # EnvPool's pools alone (ALONE; no env, so no vector strategy).
     configs: dict[str, tuple[str, str, int, str]] = {}
     if "metaworld" in backends:
         configs["sync"] = ("metaworld", "sync", 1, "steps")
@@ -165,13 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     if "envpool" in backends:
         configs.update({f"envpool_{w}": ("envpool", "async", w, "steps") for w in widths})
         configs["envpool_within_1"] = ("envpool", "async", 1, "within")
-        configs["envpool_pools_1"] = ("envpool", "pools", 1, "pools")
-        configs["envpool_ceiling_1"] = ("envpool", "pool", 1, "ceiling")
+        configs["envpool_pools_1"] = ("envpool", "-", 1, "pools")
+        configs["envpool_ceiling_1"] = ("envpool", "-", 1, "ceiling")
     rates: dict[str, list[float]] = {name: [] for name in configs}
     envs: dict[tuple[str, str], MultiTaskEnv] = {}
     try:
         for backend, strategy, _, kind in configs.values():
-            if kind not in ("pools", "ceiling") and (backend, strategy) not in envs:
+            if kind not in ALONE and (backend, strategy) not in envs:
                 envs[backend, strategy] = make_multitask_env(
                     backend, args.benchmark, protocol, seed=0, vector_strategy=strategy
                 )
@@ -180,11 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         num_tasks = len(task_names)
         for _ in range(args.rounds):
             for name, (backend, strategy, width, kind) in configs.items():
-                if kind in ("pools", "ceiling"):
+                if kind in ALONE:
                     os.sched_setaffinity(0, set(available[:width]))  # pools built after this
-                    rates[name].append(
-                        envpool_alone(task_names, args.steps, rng, per_task=kind == "pools")
-                    )
+                    rates[name].append(ALONE[kind](task_names, args.steps, rng))
                     continue
                 env = envs[backend, strategy]
                 steps = args.steps

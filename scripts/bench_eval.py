@@ -56,7 +56,7 @@ def counted_task_steps(simulate_idle_tasks: bool) -> Iterator[list[int]]:
 
     def envpool_counting(self: EnvPoolMultiTaskEnv, actions: np.ndarray) -> None:
         envpool_send(self, actions)
-        simulated.append(len(self._stepping))
+        simulated.append(int((~self._idle).sum()))
 
     def metaworld_counting(self: MultiTaskEnv, actions: np.ndarray) -> None:
         metaworld_send(self, actions)

@@ -158,8 +158,9 @@ class EnvPoolMultiTaskEnv(MultiTaskEnvBase):
         self._state_index: dict[str, int] = {}
         self._closed = False
         self._steps = np.zeros(self.num_tasks, dtype=np.int64)  # [T] steps of each episode
-        self._idle = np.zeros(self.num_tasks, dtype=bool)  # [T] not simulated (idle_tasks)
-        self._stepping = np.arange(self.num_tasks)  # the tasks of the step in flight
+        # [T] not simulated (idle_tasks); fixed from step_async to step_wait (the base
+        # class refuses idle_tasks in between), so it also names the tasks of a step.
+        self._idle = np.zeros(self.num_tasks, dtype=bool)
         self._last_obs = np.zeros((self.num_tasks, _OBS_DIM))  # [T, D] what an idle task shows
         self._steps_in_workers = True  # as MultiTaskEnv's async strategy (trainer overlap)
 
@@ -293,8 +294,7 @@ class EnvPoolMultiTaskEnv(MultiTaskEnvBase):
     def _send_actions(self, actions: np.ndarray) -> None:
         """Send every task's action to its pool (idle tasks': none) and return;
         `step_wait` collects."""
-        self._stepping = np.flatnonzero(~self._idle)
-        for task in self._stepping:
+        for task in np.flatnonzero(~self._idle):
             buffer = self._action_buffers[task]
             buffer[-1] = np.ascontiguousarray(actions[task : task + 1])
             try:
@@ -308,7 +308,8 @@ class EnvPoolMultiTaskEnv(MultiTaskEnvBase):
         obs = self._last_obs.copy()
         raw_reward = np.zeros(self.num_tasks, dtype=np.float64)
         success = np.zeros(self.num_tasks, dtype=bool)
-        for task in self._stepping:
+        stepping = ~self._idle
+        for task in np.flatnonzero(stepping):
             try:
                 state = self._pools[task]._recv()
             except RuntimeError as error:
@@ -316,8 +317,8 @@ class EnvPoolMultiTaskEnv(MultiTaskEnvBase):
             obs[task] = state[index["obs"]][0]
             raw_reward[task] = state[index["reward"]][0]
             success[task] = state[index["info:success"]][0] > 0
-        self._steps[self._stepping] += 1
-        truncated = (self._steps >= self.max_episode_steps) & ~self._idle
+        self._steps[stepping] += 1
+        truncated = (self._steps >= self.max_episode_steps) & stepping
         terminated = success if self.for_evaluation else np.zeros(self.num_tasks, dtype=bool)
         episode_end = terminated | truncated
         self._episodes.count_step(episode_end)
@@ -367,7 +368,7 @@ class EnvPoolMultiTaskEnv(MultiTaskEnvBase):
         self._builder.shutdown(wait=True)
         for task, pool in enumerate(self._pools):
             if pool is not None:
-                if self._pending_actions is not None and task in self._stepping:
+                if self._pending_actions is not None and not self._idle[task]:
                     with contextlib.suppress(RuntimeError):  # collect the step in flight
                         pool._recv()
                 pool.close()

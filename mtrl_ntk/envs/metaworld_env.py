@@ -732,6 +732,7 @@ def evaluate_together(
             successes[k] += counted & result.episode_success
             finished[k] += counted
             observations[k] = result.obs
+        # After every env's step is collected: envs sharing a worker answer in order.
         for k in running:
             done = finished[k] >= episodes
             if (done != idle[k]).any():
