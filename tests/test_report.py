@@ -197,8 +197,10 @@ def test_published_row_mapping(combiner: str, arch: str, row: str | None) -> Non
 def test_images_are_valid_pngs_and_embedded_in_the_html(runs: dict) -> None:
     page = (runs["out"] / "report.html").read_text()
     embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(embedded) == 3
-    for name in ("curves.png", "tasks.png", "ntk.png"):
+    names = ("curves.png", "tasks.png", "ntk.png", "aggregates.png", "improvement.png",
+             "profiles.png", "sample_efficiency.png")
+    assert len(embedded) == len(names)
+    for name in names:
         data = (runs["out"] / name).read_bytes()
         assert data.startswith(PNG_MAGIC)
         assert len(data) > 10_000
