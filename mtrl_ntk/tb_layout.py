@@ -178,7 +178,7 @@ def affinity_figure(colors: Tensor, task_names: list[str]):
 
 
 @functools.lru_cache(maxsize=8)
-def _labelled_frame(task_names: tuple[str, ...]) -> tuple[Tensor, tuple[int, int, int, int]]:
+def labelled_frame(task_names: tuple[str, ...]) -> tuple[Tensor, tuple[int, int, int, int]]:
     """The labelled figure drawn once per task list: pixels [3, H, W] and the cells' pixel box.
 
     Drawing text is what costs (~0.3 s a figure); each evaluation only paints its
@@ -202,7 +202,7 @@ def _labelled_frame(task_names: tuple[str, ...]) -> tuple[Tensor, tuple[int, int
 
 
 def _labelled_image(colors: Tensor, task_names: list[str]) -> Tensor:
-    frame, (top, bottom, left, right) = _labelled_frame(tuple(task_names))
+    frame, (top, bottom, left, right) = labelled_frame(tuple(task_names))
     tasks = len(task_names)
     rows = torch.arange(bottom - top) * tasks // (bottom - top)  # pixel row -> task i
     columns = torch.arange(right - left) * tasks // (right - left)  # pixel column -> task j

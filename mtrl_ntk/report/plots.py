@@ -127,11 +127,11 @@ def plot_task_heatmap(summaries: list[MethodSummary], tasks: list[str]) -> bytes
             color="black" if not np.isnan(value) and value > 0.6 else "white",
         )
     figure.colorbar(image, ax=axes,
-                    label=f"final success ({summaries[0].final.label}; {SUCCESS_UNIT})",
+                    label="final success rate (0-1)",
                     fraction=0.03, pad=0.02)
     axes.set_xlabel("task")
     axes.set_ylabel("method (combiner / arch, seeds)")
-    axes.set_title("Final eval success per task (mean over seeds)")
+    axes.set_title(f"Final eval success per task ({summaries[0].final.label}; mean over seeds)")
     return _png_bytes(figure)
 
 
