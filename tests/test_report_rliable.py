@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +163,16 @@ def test_the_statistics_are_reproducible_and_leave_numpys_global_state_alone(
     second = compute_aggregates(summaries, TASKS, 300)
     assert first.metrics == second.metrics and first.improvement == second.improvement
     assert first.reference == "ntkmtl / mtsac"
+
+
+def test_bench_summarize_runs_end_to_end_at_a_tiny_size() -> None:
+    root = Path(__file__).resolve().parents[1]
+    completed = subprocess.run(
+        [sys.executable, str(root / "scripts" / "bench_summarize.py"), "--methods", "2",
+         "--seeds", "2", "--evaluations", "3", "--bootstrap-samples", "50"],
+        capture_output=True, text=True, timeout=300, cwd=root, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "2 methods x 2 seeds x 3 evaluations x 10 tasks" in completed.stdout
+    assert "rliable statistics, 50 bootstrap samples" in completed.stdout
+    assert "whole report (50 bootstrap samples)" in completed.stdout

@@ -247,6 +247,10 @@ def plot_aggregates(aggregates: Aggregates) -> bytes:
             axes.barh(row, value.high - value.low, left=value.low, height=0.6,
                       color=colors[method], alpha=0.6)
             axes.vlines(value.point, row - 0.3, row + 0.3, color="black", linewidth=2)
+        values = [aggregates.metrics[method][metric] for method in methods]
+        low, high = min(v.low for v in values), max(v.high for v in values)
+        margin = max(0.05, 0.1 * (high - low))  # a readable range even for equal scores
+        axes.set_xlim(max(-0.01, low - margin), min(1.01, high + margin))
         axes.set_title(metric + (" (lower is better)" if metric == "Optimality gap" else ""),
                        fontsize=10)
         axes.set_xlabel("1 − final success rate (0-1)" if metric == "Optimality gap"
