@@ -3,7 +3,7 @@
 The trainer calls, once per run and once per evaluation::
 
     writer.add_custom_scalars(custom_scalar_layout(env.task_names))
-    writer.add_image("combiner/critic/affinity", affinity_image(result.gramian), step)
+    writer.add_image("combiner/critic/affinity", affinity_image(gramian, env.task_names), step)
 
 The layout's regexes match the tags the trainer writes, which are the keys of
 ``metrics.jsonl`` (``eval/success/<task>``, ``combiner/critic/weight/<task>``,
@@ -13,14 +13,19 @@ The layout's regexes match the tags the trainer writes, which are the keys of
 ``time/steps_per_second``, ``time/eta_hours``. TensorBoard matches a multiline
 chart's tags with a regex search.
 
-Only torch is needed here (no matplotlib): the trainer must not depend on the
-``report`` extra.
+The layout and the bare affinity cells need only torch. With task names, the
+affinity image is drawn by matplotlib (imported on first use, Agg backend): task
+names on both axes and a labelled colour bar. matplotlib is therefore part of
+the ``rl`` extra, which the trainer installs.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -110,21 +115,97 @@ def diverging_colors(values: Tensor) -> Tensor:
     return (1 - fraction) * _DIVERGING_ANCHORS[lower] + fraction * _DIVERGING_ANCHORS[lower + 1]
 
 
-def affinity_image(gramian: Tensor, cell_pixels: int = 16) -> Tensor:
-    """Task-affinity image [3, T*cell_pixels, T*cell_pixels], float32 in [0, 1].
+def affinity_image(
+    gramian: Tensor, task_names: list[str] | None = None, cell_pixels: int = 16
+) -> Tensor:
+    """Task-affinity image [3, H, W], float32 in [0, 1].
 
-    Pixel block (i, j) shows the cosine between task gradients i and j (the
-    normalised Gramian, see ``cosine_similarity_matrix``): red aligned (+1),
-    white orthogonal (0), blue conflicting (-1). Each task is a square of
-    ``cell_pixels`` so the image is legible in TensorBoard (T = 10 gives 160x160).
-    Row i from the top is task i, as in the Gramian.
+    Cell (i, j) shows the cosine between task gradients i and j (the normalised
+    Gramian, see ``cosine_similarity_matrix``): red aligned (+1), white
+    orthogonal (0), blue conflicting (-1). Row i from the top and column i from
+    the left are task i, as in the Gramian.
+
+    Without ``task_names``: the bare cells, each task a square of ``cell_pixels``
+    (H = W = T * cell_pixels; T = 10 gives 160x160). With ``task_names`` (one per
+    row of the Gramian): those same cells drawn by matplotlib with the task names
+    on both axes, a title and a colour bar labelled "cosine similarity" (the
+    trainer's images in TensorBoard).
     """
     if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
         shape = tuple(gramian.shape)
         raise ValueError(f"gramian must be a square matrix [T, T], got shape {shape}")
     if cell_pixels < 1:
         raise ValueError(f"cell_pixels must be >= 1, got {cell_pixels}")
+    if task_names is not None and len(task_names) != gramian.shape[0]:
+        raise ValueError(
+            f"task_names has {len(task_names)} names for a Gramian of {gramian.shape[0]} tasks"
+        )
     colors = diverging_colors(cosine_similarity_matrix(gramian))  # [T, T, 3]
+    if task_names is not None:
+        return _labelled_image(colors, task_names)
     image = colors.permute(2, 0, 1)  # [3, T, T]
     image = image.repeat_interleave(cell_pixels, dim=1).repeat_interleave(cell_pixels, dim=2)
     return image.float()
+
+
+def affinity_figure(colors: Tensor, task_names: list[str]):
+    """The labelled affinity figure: cells [T, T, 3] RGB, task names on both axes, colour bar.
+
+    Returns ``(figure, axes)``, the axes holding the cells (matplotlib, Agg backend).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import ListedColormap, Normalize
+    from matplotlib.figure import Figure
+
+    tasks = len(task_names)
+    side = 2.6 + 0.42 * tasks  # inches: room for the cells and the rotated names
+    figure = Figure(figsize=(side + 1.2, side), dpi=100)
+    axes = figure.add_subplot()
+    axes.imshow(colors.numpy(), interpolation="nearest")
+    axes.set_xticks(range(tasks), task_names, rotation=45, ha="right", fontsize=8)
+    axes.set_yticks(range(tasks), task_names, fontsize=8)
+    axes.set_xlabel("task j")
+    axes.set_ylabel("task i")
+    axes.set_title("cosine between task gradients", fontsize=10)
+    scale = ListedColormap(diverging_colors(torch.linspace(-1.0, 1.0, 256)).numpy())
+    figure.colorbar(ScalarMappable(Normalize(-1.0, 1.0), scale), ax=axes, fraction=0.046,
+                    pad=0.04, label="cosine similarity (1 aligned, -1 conflicting)")
+    figure.tight_layout()
+    return figure, axes
+
+
+@functools.lru_cache(maxsize=8)
+def labelled_frame(task_names: tuple[str, ...]) -> tuple[Tensor, tuple[int, int, int, int]]:
+    """The labelled figure drawn once per task list: pixels [3, H, W] and the cells' pixel box.
+
+    Drawing text is what costs (~0.3 s a figure); each evaluation only paints its
+    cells into a copy of these pixels. The box is (top, bottom, left, right) in
+    pixel rows/columns, inside the axes' frame.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    blank = torch.ones(len(task_names), len(task_names), 3, dtype=torch.float64)  # [T, T, 3]
+    figure, axes = affinity_figure(blank, list(task_names))
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    rgba = torch.from_numpy(np.asarray(canvas.buffer_rgba()).copy())  # [H, W, 4] uint8
+    height = rgba.shape[0]
+    box = axes.get_window_extent()  # display pixels, origin at the bottom left
+    cells = (
+        math.ceil(height - box.y1), math.floor(height - box.y0),
+        math.ceil(box.x0), math.floor(box.x1),
+    )
+    return rgba[:, :, :3].permute(2, 0, 1).float() / 255.0, cells
+
+
+def _labelled_image(colors: Tensor, task_names: list[str]) -> Tensor:
+    frame, (top, bottom, left, right) = labelled_frame(tuple(task_names))
+    tasks = len(task_names)
+    rows = torch.arange(bottom - top) * tasks // (bottom - top)  # pixel row -> task i
+    columns = torch.arange(right - left) * tasks // (right - left)  # pixel column -> task j
+    image = frame.clone()
+    image[:, top:bottom, left:right] = colors[rows][:, columns].permute(2, 0, 1).float()
+    return image

@@ -717,7 +717,9 @@ class Trainer:
                 self.writer.add_scalar(tag, value, self.step)
         for key, tag in _GRAMIAN_IMAGES.items():
             if key in means:
-                self.writer.add_image(tag, affinity_image(torch.from_numpy(means[key])), self.step)
+                self.writer.add_image(
+                    tag, affinity_image(torch.from_numpy(means[key]), self.task_names), self.step
+                )
         self.writer.flush()
         self.last_eval = row
 

@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -197,8 +198,10 @@ def test_published_row_mapping(combiner: str, arch: str, row: str | None) -> Non
 def test_images_are_valid_pngs_and_embedded_in_the_html(runs: dict) -> None:
     page = (runs["out"] / "report.html").read_text()
     embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(embedded) == 3
-    for name in ("curves.png", "tasks.png", "ntk.png"):
+    names = ("curves.png", "tasks.png", "ntk.png", "aggregates.png", "improvement.png",
+             "profiles.png", "sample_efficiency.png")
+    assert len(embedded) == len(names)
+    for name in names:
         data = (runs["out"] / name).read_bytes()
         assert data.startswith(PNG_MAGIC)
         assert len(data) > 10_000
@@ -280,18 +283,25 @@ def test_watch_regenerates_and_exits_cleanly_on_ctrl_c(tmp_path: Path) -> None:
          "--interval", "0.2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
+    printed: list[str] = []  # stdout lines, read as they come
+    reader = threading.Thread(target=lambda: printed.extend(process.stdout), daemon=True)
+    reader.start()
     try:
         page = root / "report" / "report.html"
         wait_for(lambda: page.exists())
         write_run(root / "second", "cagrad", "mtsac", 0, 2, True)
         wait_for(lambda: page.exists() and "cagrad / mtsac" in page.read_text())
+        # The page is written before the pass prints its line: wait for both.
+        wait_for(lambda: sum(line.startswith("report:") for line in printed) >= 2)
     finally:
         process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=20)
+        process.wait(timeout=20)
+        reader.join(timeout=20)
+        stderr = process.stderr.read()
     assert process.returncode == 0, stderr
     assert "Traceback" not in stderr
     assert "stopped" in stderr
-    assert stdout.count("report:") >= 2
+    assert sum(line.startswith("report:") for line in printed) >= 2
 
 
 def wait_for(condition, timeout: float = 25.0) -> None:

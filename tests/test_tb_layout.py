@@ -14,7 +14,13 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.nn.functional import cosine_similarity
 from torch.utils.tensorboard import SummaryWriter
 
-from mtrl_ntk.tb_layout import affinity_image, custom_scalar_layout, diverging_colors
+from mtrl_ntk.tb_layout import (
+    affinity_figure,
+    affinity_image,
+    custom_scalar_layout,
+    diverging_colors,
+    labelled_frame,
+)
 from tests.combiners.samplers import sample_task_gradients
 
 MT10 = [
@@ -152,3 +158,31 @@ def test_affinity_image_is_logged_and_read_back_from_a_real_event_file(tmp_path:
     decoded = matplotlib.image.imread(io.BytesIO(event.encoded_image_string), format="png")
     decoded = torch.from_numpy(decoded[..., :3].copy()).permute(2, 0, 1)  # [3, H, W]
     assert torch.allclose(decoded, image, atol=1.5 / 255)  # 8-bit PNG round trip
+
+
+def test_labelled_affinity_image_names_every_task_and_keeps_the_cell_colours() -> None:
+    grads = sample_task_gradients(tasks=10, dim=40, seed=5)  # [T, d]
+    grads[4] = -grads[0]
+    image = affinity_image(grads @ grads.T, MT10)
+    frame, (top, bottom, left, right) = labelled_frame(tuple(MT10))
+    assert image.shape == frame.shape and image.shape[1] > 10 * CELL and image.shape[2] > 10 * CELL
+    assert image.dtype == torch.float32 and image.min() >= 0 and image.max() <= 1
+    # Cell (i, j) sits at row i, column j of the box: its centre has the cosine's colour.
+    cosine = cosine_similarity(grads[:, None, :], grads[None, :, :], dim=-1)  # [T, T]
+    rows = top + ((torch.arange(10) + 0.5) * (bottom - top) / 10).long()
+    columns = left + ((torch.arange(10) + 0.5) * (right - left) / 10).long()
+    centres = image[:, rows][:, :, columns].permute(1, 2, 0)  # [T, T, 3]
+    assert torch.allclose(centres, diverging_colors(cosine).float(), atol=1e-5)
+    # Outside the box the drawn frame (names, colour bar) is untouched.
+    assert torch.equal(image[:, :top], frame[:, :top])
+    assert torch.equal(image[:, :, right + 1:], frame[:, :, right + 1:])
+    figure, axes = affinity_figure(diverging_colors(cosine), MT10)
+    assert [label.get_text() for label in axes.get_xticklabels()] == MT10
+    assert [label.get_text() for label in axes.get_yticklabels()] == MT10
+    assert (axes.get_xlabel(), axes.get_ylabel()) == ("task j", "task i")
+    assert "cosine similarity" in figure.axes[1].get_ylabel()  # the colour bar
+
+
+def test_labelled_affinity_image_needs_one_name_per_task() -> None:
+    with pytest.raises(ValueError, match="3 names for a Gramian of 4 tasks"):
+        affinity_image(torch.eye(4), ["a", "b", "c"])
