@@ -281,7 +281,9 @@ def test_invalid_settings_fail_with_the_key_and_the_allowed_values() -> None:
                        match="arch.*mtsac, obs_only, task_encoder, multihead, independent"):
         AgentConfig(arch="transformer")
     with pytest.raises(ValueError, match="balance"):
-        AgentConfig(balance=("critic", "alpha"))
+        AgentConfig(balance=("critic", "temperature"))
+    with pytest.raises(ValueError, match="balance"):
+        AgentConfig(balance=("critic", "critic"))
     with pytest.raises(ValueError, match="tau"):
         AgentConfig(tau=0.0)
     with pytest.raises(ValueError, match="log_std_max"):
