@@ -36,14 +36,16 @@ AUTHORS = {
     "stl": ("independent", True, "ls", {}, "STL"),
     # mtrl baseline.rst "PCGrad": disentangled_alpha=False, should_use_task_encoder=False.
     "pcgrad": ("obs_only", False, "pcgrad", {}, "PCGrad"),
-    # FAMO mtrl_files/cagrad_state_sac.yaml: cagrad_c=0.5; FAMO run.sh flags.
-    "cagrad": ("obs_only", False, "cagrad", {"c": 0.5}, "CAGrad"),
+    # CAGrad's own MT10 command (Cranial-XIX/CAGrad mtrl/mtrl_files/run.sh): cagrad_c=0.9,
+    # cagrad_method=cagrad (the inner-SGD solver of mtrl_files/cagrad.py), FAMO's flags.
+    "cagrad": ("obs_only", False, "cagrad", {"c": 0.9, "solver": "sgd"}, "CAGrad"),
     # FAMO mtrl_files/nashmtl_state_sac.yaml (no parameter); FAMO run.sh flags.
     "nashmtl": ("obs_only", False, "nashmtl", {}, "Nash-MTL"),
     # FAMO run.sh: gamma=0.01 wlr=0.025, disentangled_alpha=False, no task encoder.
     "famo": ("obs_only", False, "famo", {"gamma": 0.01, "w_lr": 0.025}, "FAMO"),
-    # FairGrad run.sh: fairgrad_alpha=2.0, disentangled_alpha=False, no task encoder.
-    "fairgrad": ("obs_only", False, "fairgrad", {"alpha": 2.0}, "FairGrad"),
+    # FairGrad run.sh: fairgrad_alpha=2.0, disentangled_alpha=False, no task encoder; the
+    # solver of its mtrl_files/fairgrad.py (the active SGD branch).
+    "fairgrad": ("obs_only", False, "fairgrad", {"alpha": 2.0, "solver": "sgd"}, "FairGrad"),
     # No authors' MT10 command: the NTKMTL code base's (FairGrad's) flags.
     "moco": ("obs_only", False, "moco", {}, "MoCo"),
     "aligned_mtl": ("obs_only", False, "aligned_mtl", {}, "Aligned-MTL"),
@@ -52,6 +54,13 @@ AUTHORS = {
     "ntkmtl_sr": ("obs_only", False, "ntkmtl_sr", {}, None),
     "uw": ("obs_only", False, "uw", {}, None),
 }
+# The rows whose authors' agents are mtrl grad_manipulation agents (mtrl pcgrad.py; CAGrad's
+# cagrad.py, FAMO's nashmtl.py, FairGrad's fairgrad.py): their SAC update calls the method's
+# _compute_gradient for the critic, the actor and the temperature (log_alpha) losses. The
+# other rows average the temperature (mtrl's plain SAC; FAMO's famo.py and uw.py balance
+# positive losses only).
+TEMPERATURE_THROUGH_THE_METHOD = {"pcgrad", "cagrad", "nashmtl", "fairgrad"}
+
 # What every command shares (mtrl MT10: num_train_steps=2000000, batch_size=1280,
 # num_eval_episodes=1, init_steps=1500, replay capacity 1e6, 3x400 nets).
 COMMON = {
@@ -98,7 +107,9 @@ def test_each_row_resolves_to_its_authors_setting(row: str) -> None:
     assert spec.protocol.max_episode_steps == PROTOCOLS["classic"].max_episode_steps
     for (section, key), value in COMMON.items():
         assert getattr(getattr(spec, section), key) == value, (section, key)
-    assert spec.agent.balance == ("critic", "actor")
+    expected_balance = ("critic", "actor", "alpha") if row in TEMPERATURE_THROUGH_THE_METHOD else (
+        "critic", "actor")
+    assert spec.agent.balance == expected_balance
     defaults = {key: value for key, value in cfg.combiner.items() if key != "name"}
     default_cfg = composed(f"combiner={combiner}").combiner
     changed = {key: value for key, value in defaults.items() if default_cfg[key] != value}
