@@ -105,6 +105,7 @@ class AgentConfig:
     arch: str = "task_encoder"
     hidden_dim: int = 400
     num_layers: int = 3
+    head_layers: int = 1
     actor_lr: float = 3e-4
     critic_lr: float = 3e-4
     alpha_lr: float = 3e-4
@@ -126,7 +127,7 @@ class AgentConfig:
         _check(all(name in BALANCEABLE_LOSSES for name in self.balance)
                and len(set(self.balance)) == len(self.balance),
                "balance", self.balance, f"distinct names among {BALANCEABLE_LOSSES}")
-        for name in ("hidden_dim", "num_layers", "task_embedding_dim"):
+        for name in ("hidden_dim", "num_layers", "head_layers", "task_embedding_dim"):
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                    name, value, "an integer >= 1")
@@ -251,10 +252,12 @@ class MultiTaskSAC:
             obs_dim, action_dim, num_tasks, arch=cfg.arch, hidden_dim=cfg.hidden_dim,
             num_layers=cfg.num_layers, log_std_min=cfg.log_std_min,
             log_std_max=cfg.log_std_max, task_embedding_dim=cfg.task_embedding_dim,
+            head_layers=cfg.head_layers,
         ).to(self.device)
         self.critic = TwinCritic(
             obs_dim, action_dim, num_tasks, arch=cfg.arch, hidden_dim=cfg.hidden_dim,
             num_layers=cfg.num_layers, task_embedding_dim=cfg.task_embedding_dim,
+            head_layers=cfg.head_layers,
         ).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         # One temperature per task (disentangled) or one shared by all tasks.

@@ -73,6 +73,7 @@ COMMON = {
     ("protocol", "eval_episodes_per_task"): 1,
     ("agent", "hidden_dim"): 400,
     ("agent", "num_layers"): 3,
+    ("agent", "head_layers"): 1,
     ("agent", "actor_lr"): 3e-4,
     ("agent", "critic_lr"): 3e-4,
     ("agent", "alpha_lr"): 3e-4,
@@ -80,6 +81,14 @@ COMMON = {
     ("agent", "tau"): 0.005,
     ("agent", "init_temperature"): 1.0,
     ("agent", "task_embedding_dim"): 50,
+}
+
+
+# Rows whose network differs from the common 3x400 MLP with a linear output layer.
+NETWORK = {
+    # mtrl's multi-head actor/critic: build_mlp(num_layers=3) trunk whose 400->400 output
+    # layer is followed by a ReLU (4 shared ReLU layers), then per-task 2-layer heads.
+    "mhsac": {("agent", "num_layers"): 4, ("agent", "head_layers"): 2},
 }
 
 
@@ -105,7 +114,7 @@ def test_each_row_resolves_to_its_authors_setting(row: str) -> None:
     assert spec.task_names == tuple(BENCHMARK_TASKS["mt10"])
     assert spec.protocol.name == "classic"
     assert spec.protocol.max_episode_steps == PROTOCOLS["classic"].max_episode_steps
-    for (section, key), value in COMMON.items():
+    for (section, key), value in {**COMMON, **NETWORK.get(row, {})}.items():
         assert getattr(getattr(spec, section), key) == value, (section, key)
     expected_balance = ("critic", "actor", "alpha") if row in TEMPERATURE_THROUGH_THE_METHOD else (
         "critic", "actor")
@@ -144,3 +153,45 @@ def test_readme_documents_every_row() -> None:
     section = readme[readme.index("## Reproducing Table 4"):]
     for row in AUTHORS:
         assert f"table4/{row}" in section, row
+
+
+def test_mhsac_has_the_parameter_counts_of_mtrls_multi_head_networks() -> None:
+    """mtrl (Sodhani et al.), MT10 with should_use_multi_head_policy=True, counted by hand.
+
+    Per network: trunk build_mlp(D, 400, 400, num_layers=3) = Linear(D,400), Linear(400,400)
+    x 2, Linear(400,400) [then nn.ReLU()]; heads moe_layer.FeedForward(num_experts=10, 400,
+    out, hidden 400, num_layers=2) = moe Linear(400,400) and moe Linear(400,out), each with
+    weight [10, in, out] and bias [10, 1, out]. Actor out = 2|A| (mean, log-std); each of the
+    critic's two QFunctions reads obs and action (D + |A|) and outputs 1.
+    """
+    from mtrl_ntk.agent.models import Actor, TwinCritic
+
+    spec = build_run_spec(composed("experiment=table4/mhsac", "device=cpu"))
+    obs_dim, action_dim, tasks, width = 39, 4, 10, 400  # Meta-World 3.x MT10: 39-d, 4 actions
+
+    def linear(fan_in: int, fan_out: int) -> int:
+        return fan_in * fan_out + fan_out
+
+    def trunk(fan_in: int) -> int:
+        return linear(fan_in, width) + 3 * linear(width, width)
+
+    def heads(fan_out: int) -> int:
+        return tasks * (linear(width, width) + linear(width, fan_out))
+
+    expected_actor = {"shared": trunk(obs_dim), "specific": heads(2 * action_dim)}
+    expected_critic = {
+        "shared": 2 * trunk(obs_dim + action_dim), "specific": 2 * heads(1),
+    }
+    assert expected_actor == {"shared": 497_200, "specific": 1_636_080}
+    assert expected_critic == {"shared": 997_600, "specific": 3_216_020}
+
+    agent = spec.agent
+    settings = {"arch": agent.arch, "hidden_dim": agent.hidden_dim,
+                "num_layers": agent.num_layers, "head_layers": agent.head_layers}
+    actor = Actor(obs_dim, action_dim, tasks, **settings)
+    critic = TwinCritic(obs_dim, action_dim, tasks, **settings)
+    for network, expected in ((actor, expected_actor), (critic, expected_critic)):
+        counts = {"shared": 0, "specific": 0}
+        for name, param in network.named_parameters():
+            counts["specific" if network.is_task_specific(name) else "shared"] += param.numel()
+        assert counts == expected
