@@ -215,6 +215,8 @@ class TrainSettings:
     keep_checkpoints: int = 2
     check_finite: bool = True  # report skipped non-finite updates, stop on too many
     max_consecutive_skips: int = 10
+    # mtrl's loop: warmup_steps updates at once when the warm-up ends (update_schedule.py).
+    warmup_burst: bool = False
 
 
 @dataclass(frozen=True)
@@ -468,6 +470,9 @@ def build_run_spec(cfg: DictConfig) -> RunSpec:
         keep_checkpoints=_integer(train_node, "keep_checkpoints", "train.", 1),
         check_finite=_boolean(train_node, "check_finite", "train."),
         max_consecutive_skips=_integer(train_node, "max_consecutive_skips", "train.", 1),
+        # Absent from the config.yaml of runs made before the option: off.
+        warmup_burst="warmup_burst" in train_node
+        and _boolean(train_node, "warmup_burst", "train."),
     )
     if train.batch_size % num_tasks:
         below = train.batch_size // num_tasks * num_tasks

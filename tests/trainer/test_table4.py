@@ -67,6 +67,8 @@ COMMON = {
     ("train", "num_steps"): 2_000_000,
     ("train", "batch_size"): 1280,
     ("train", "warmup_steps"): 1500,
+    # mtrl/experiment/multitask.py: num_updates = init_steps if step == init_steps else 1.
+    ("train", "warmup_burst"): True,
     ("train", "buffer_capacity"): 1_000_000,
     # eval_freq=10000 checked only at 150-step episode ends: every 30000 steps.
     ("protocol", "eval_every_steps"): 30_000,
