@@ -216,9 +216,11 @@ class MultiTaskSAC:
         self.num_tasks = num_tasks
         self.action_dim = action_dim
         self.target_entropy = -float(action_dim)
-        if alpha_combiner is None:
-            alpha_combiner = make_combiner(
-                actor_combiner.name, actor_combiner.num_tasks, **actor_combiner.hyperparameters()
+        if alpha_combiner is None:  # built only when used (building may draw from torch's RNG)
+            alpha_combiner = (
+                make_combiner(actor_combiner.name, num_tasks, **actor_combiner.hyperparameters())
+                if "alpha" in cfg.balance
+                else make_combiner("ls", num_tasks)
             )
         roles = (("critic", critic_combiner), ("actor", actor_combiner), ("alpha", alpha_combiner))
         for role, combiner in roles:
