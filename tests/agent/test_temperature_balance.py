@@ -138,3 +138,47 @@ def test_a_balanced_temperature_in_a_seed_group_makes_each_seeds_updates() -> No
     for member, single in zip(group.agents, alone):
         assert member.alpha_combiner.name == "pcgrad"
         grouped.assert_same_agent_state(member, single, loose=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("cagrad", {"c": 0.9, "solver": "sgd"}), ("fairgrad", {"alpha": 2.0, "solver": "sgd"})],
+)
+def test_the_authors_sgd_solvers_on_all_three_losses_in_a_seed_group(
+    name: str, params: dict
+) -> None:
+    """The CAGrad and FairGrad Table-4 rows' setting: each seed of a group (one vmapped,
+    host-sync-free update) makes the updates it makes alone."""
+    from mtrl_ntk.agent.seeds import SeedGroupSAC
+    from tests.agent import test_seed_group as grouped
+
+    cfg = grouped.config(arch="obs_only", balance=BALANCE_ALL)
+
+    def agent(seed: int) -> MultiTaskSAC:
+        torch.manual_seed(seed)
+        combiners = [make_combiner(name, grouped.TASKS, **params) for _ in range(3)]
+        return MultiTaskSAC(
+            grouped.OBS,
+            grouped.ACTIONS,
+            grouped.TASKS,
+            cfg,
+            combiners[0],
+            combiners[1],
+            "cpu",
+            alpha_combiner=combiners[2],
+            seed=100 + seed,
+        )
+
+    group = SeedGroupSAC([agent(seed) for seed in (0, 1)])
+    alone = [agent(seed) for seed in (0, 1)]
+    assert group.agents[0].alpha_combiner.solver == "sgd"
+    for step in range(3):
+        batches = [grouped.make_batch(step, seed) for seed in (0, 1)]
+        metrics, counter = count_ops(group.update, batches)
+        assert counter.syncs == 0, dict(counter.sync_names)
+        for index, (single, batch) in enumerate(zip(alone, batches)):
+            grouped.assert_same_state(
+                grouped.seed_metrics(metrics, index), single.update(batch), f"metrics {step}"
+            )
+    for member, single in zip(group.agents, alone):
+        grouped.assert_same_agent_state(member, single, loose=False)
