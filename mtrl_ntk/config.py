@@ -25,6 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mtrl_ntk.agent import ARCHITECTURES, AgentConfig
 from mtrl_ntk.combiners import GradientCombiner, available_combiners, combiner_class, make_combiner
+from mtrl_ntk.combiners.base import Need
 from mtrl_ntk.envs import BACKENDS, BENCHMARK_TASKS, PROTOCOLS, Protocol
 
 _TOP_LEVEL_KEYS = {
@@ -214,6 +215,8 @@ class TrainSettings:
     keep_checkpoints: int = 2
     check_finite: bool = True  # report skipped non-finite updates, stop on too many
     max_consecutive_skips: int = 10
+    # mtrl's loop: warmup_steps updates at once when the warm-up ends (update_schedule.py).
+    warmup_burst: bool = False
 
 
 @dataclass(frozen=True)
@@ -467,6 +470,9 @@ def build_run_spec(cfg: DictConfig) -> RunSpec:
         keep_checkpoints=_integer(train_node, "keep_checkpoints", "train.", 1),
         check_finite=_boolean(train_node, "check_finite", "train."),
         max_consecutive_skips=_integer(train_node, "max_consecutive_skips", "train.", 1),
+        # Absent from the config.yaml of runs made before the option: off.
+        warmup_burst="warmup_burst" in train_node
+        and _boolean(train_node, "warmup_burst", "train."),
     )
     if train.batch_size % num_tasks:
         below = train.batch_size // num_tasks * num_tasks
@@ -488,6 +494,13 @@ def build_run_spec(cfg: DictConfig) -> RunSpec:
             f"{batch_per_task} samples per task of one batch"
         )
 
+    agent = _agent(cfg.agent)
+    if "alpha" in agent.balance and Need.REPRESENTATION_NTK in combiner.need:
+        raise ConfigError(
+            f"agent.balance includes alpha, but {combiner_name} needs a shared representation, "
+            "which the temperature loss does not have; use e.g. agent.balance=[critic,actor]"
+        )
+
     seed = _integer(cfg, "seed", "", 0)
     seed_list(cfg)  # checked here too, so that a group's config error comes before any work
     protocol = _protocol(cfg.protocol)
@@ -502,7 +515,7 @@ def build_run_spec(cfg: DictConfig) -> RunSpec:
         protocol=protocol,
         combiner_name=combiner_name,
         combiner_params=combiner_values,
-        agent=_agent(cfg.agent),
+        agent=agent,
         train=train,
         resume=_boolean(cfg, "resume", ""),
         debug=_debug(cfg.get("debug"), task_names),

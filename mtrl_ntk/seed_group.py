@@ -61,6 +61,7 @@ from mtrl_ntk.train import (
     progress_bar,
     seed_everything,
 )
+from mtrl_ntk.update_schedule import updates_at_step
 
 
 def seed_config(cfg: DictConfig, seed: int) -> DictConfig:
@@ -215,8 +216,13 @@ class SeedGroupTrainer:
     def _maybe_update(self) -> None:
         """Every seed's update of this step, as one (see ``Trainer._maybe_update``)."""
         first = self.trainers[0]
-        if self.step < self.spec.train.warmup_steps or len(first.buffer) == 0:
+        train = self.spec.train
+        if len(first.buffer) == 0:
             return
+        for _ in range(updates_at_step(self.step, train.warmup_steps, train.warmup_burst)):
+            self._update_once()
+
+    def _update_once(self) -> None:
         batches = []
         for trainer in self.trainers:
             batch = trainer.buffer.sample(self.spec.batch_per_task, trainer.sample_generator)

@@ -78,6 +78,7 @@ from mtrl_ntk.replay import MultiTaskReplayBuffer
 from mtrl_ntk.rng import capture_global_rng, restore_global_rng
 from mtrl_ntk.runtime import tune_cpu_allocator
 from mtrl_ntk.tb_layout import affinity_image, custom_scalar_layout
+from mtrl_ntk.update_schedule import updates_at_step
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -587,7 +588,8 @@ class Trainer:
         )
 
     def _maybe_update(self) -> None:
-        """This step's update, after the random warm-up; its metrics stay on the device.
+        """This step's update, after the random warm-up (``warmup_steps`` of them at once at
+        its end with ``train.warmup_burst``, mtrl's loop); its metrics stay on the device.
 
         With ``train.overlap_env_step`` it runs between ``env.step_async`` and
         ``env.step_wait``, so its batch is drawn from the transitions of steps
@@ -596,12 +598,15 @@ class Trainer:
         both orders. A step with an empty buffer (the first, when warmup_steps <= 1)
         makes no update.
         """
-        if self.step < self.spec.train.warmup_steps or len(self.buffer) == 0:
+        train = self.spec.train
+        updates = updates_at_step(self.step, train.warmup_steps, train.warmup_burst)
+        if len(self.buffer) == 0:
             return
-        batch = self.buffer.sample(self.spec.batch_per_task, self.sample_generator)
-        metrics = self._update(batch)  # a skipped update's metrics are 0, "finite" False
-        self.log_window.add(metrics)
-        self.eval_window.add(metrics)
+        for _ in range(updates):  # 1, or mtrl's burst when the warm-up ends
+            batch = self.buffer.sample(self.spec.batch_per_task, self.sample_generator)
+            metrics = self._update(batch)  # a skipped update's metrics are 0, "finite" False
+            self.log_window.add(metrics)
+            self.eval_window.add(metrics)
 
     def _check_updates(self) -> None:
         """Report non-finite updates skipped since the last check (one host sync)."""

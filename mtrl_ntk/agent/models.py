@@ -21,8 +21,10 @@ Architectures (``arch``; the rows of the paper's Table 4):
   ``task_encoding``), so the actor loss never reaches the encoder. The embedding
   rows are task-specific parameters (row i is only touched by task i), the
   encoder's MLP is shared.
-- ``multihead``: a shared trunk on the observation, one linear output head per
-  task ("MH SAC"); the heads are task-specific parameters.
+- ``multihead``: a shared trunk on the observation, one output head per task
+  ("MH SAC"); the heads are task-specific parameters. ``head_layers`` sets each
+  head's depth: 1 (a linear layer, the default) or mtrl's 2 (``_make_head(...,
+  num_layers=2)``: a ReLU layer of ``hidden_dim`` and the output layer).
 - ``independent``: one network per task ("STL"); every parameter is task-specific.
 
 All forward passes are written with functional ops only (no in-place updates, no
@@ -176,10 +178,12 @@ class TaskConditioning(nn.Module):
 
 
 class TaskMLP(nn.Module):
-    """``num_layers`` ReLU hidden layers (the trunk) and a linear output layer.
+    """``num_layers`` ReLU hidden layers (the trunk, whose output is z) and a head of
+    ``head_layers`` layers: ``head_layers - 1`` ReLU layers of ``hidden_dim`` and the
+    linear output layer.
 
-    The trunk is task-specific for ``independent``; the output layer is
-    task-specific for ``multihead`` and ``independent``.
+    The trunk is task-specific for ``independent``; the head is task-specific for
+    ``multihead`` and ``independent``.
     """
 
     def __init__(
@@ -190,11 +194,14 @@ class TaskMLP(nn.Module):
         output_dim: int,
         hidden_dim: int,
         num_layers: int,
+        head_layers: int = 1,
     ) -> None:
         super().__init__()
         check_architecture(arch)
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1 (z is a hidden layer), got {num_layers}")
+        if head_layers < 1:
+            raise ValueError(f"head_layers must be >= 1 (the output layer), got {head_layers}")
         specific_trunk = arch == "independent"
         specific_head = arch in ("multihead", "independent")
         self.hidden_dim = hidden_dim
@@ -202,6 +209,10 @@ class TaskMLP(nn.Module):
         self.hidden = nn.ModuleList(
             make_linear(specific_trunk, num_tasks, fan_in, fan_out)
             for fan_in, fan_out in zip(widths[:-1], widths[1:])
+        )
+        self.head_hidden = nn.ModuleList(
+            make_linear(specific_head, num_tasks, hidden_dim, hidden_dim)
+            for _ in range(head_layers - 1)
         )
         self.output = make_linear(specific_head, num_tasks, hidden_dim, output_dim)
 
@@ -213,7 +224,10 @@ class TaskMLP(nn.Module):
         return features
 
     def head(self, representation: Tensor, task_ids: Tensor) -> Tensor:
-        return self.output(representation, task_ids)
+        features = representation
+        for layer in self.head_hidden:
+            features = F.relu(layer(features, task_ids))
+        return self.output(features, task_ids)
 
 
 class _TaskSpecificNames(nn.Module):
@@ -263,6 +277,7 @@ class Actor(_TaskSpecificNames):
         log_std_min: float = -20.0,
         log_std_max: float = 2.0,
         task_embedding_dim: int = 50,
+        head_layers: int = 1,
     ) -> None:
         super().__init__()
         if not log_std_min < log_std_max:
@@ -271,7 +286,8 @@ class Actor(_TaskSpecificNames):
         self.log_std_max = float(log_std_max)
         self.conditioning = TaskConditioning(arch, num_tasks, task_embedding_dim)
         self.mlp = TaskMLP(
-            arch, num_tasks, obs_dim + self.conditioning.dim, 2 * action_dim, hidden_dim, num_layers
+            arch, num_tasks, obs_dim + self.conditioning.dim, 2 * action_dim, hidden_dim,
+            num_layers, head_layers,
         )
         self._collect_task_specific()
 
@@ -344,6 +360,7 @@ class TwinCritic(_TaskSpecificNames):
         hidden_dim: int = 400,
         num_layers: int = 3,
         task_embedding_dim: int = 50,
+        head_layers: int = 1,
     ) -> None:
         super().__init__()
         self.hidden_dim = hidden_dim
@@ -359,8 +376,8 @@ class TwinCritic(_TaskSpecificNames):
             else None
         )
         input_dim = obs_dim + action_dim + self.conditioning.dim
-        self.q1 = TaskMLP(arch, num_tasks, input_dim, 1, hidden_dim, num_layers)
-        self.q2 = TaskMLP(arch, num_tasks, input_dim, 1, hidden_dim, num_layers)
+        self.q1 = TaskMLP(arch, num_tasks, input_dim, 1, hidden_dim, num_layers, head_layers)
+        self.q2 = TaskMLP(arch, num_tasks, input_dim, 1, hidden_dim, num_layers, head_layers)
         self._collect_task_specific()
 
     def encode(self, task_ids: Tensor) -> Tensor | None:

@@ -10,8 +10,10 @@ semantics of mtrl, Sodhani et al., 2021):
 3. Actor, against the updated critic with its parameters detached: per-sample
    loss α_task log π(ã|s) - min_k Q_k(s, ã), ã = tanh(μ + σ ε), balanced by the
    actor combiner.
-4. Temperature (mtrl / CleanRL form): loss α_task (-log π(ã|s) - H̄), H̄ = -|A|,
-   averaged over all samples, with log π from the actor before its step.
+4. Temperature (mtrl / CleanRL form): per-sample loss α_task (-log π(ã|s) - H̄),
+   H̄ = -|A|, with log π from the actor before its step; per-task losses balanced by
+   the temperature combiner (the mean over tasks unless ``"alpha"`` is in
+   ``AgentConfig.balance``).
 5. Target critic: θ̄ ← (1 - τ) θ̄ + τ θ.
 
 With ``arch=task_encoder`` (mtrl's semantics): the one task encoder belongs to the
@@ -23,7 +25,7 @@ detaches it for every component not in ``losses_to_train`` (mtrl steps the
 encoder's optimiser at the end of the update; the encoder here steps with the
 critic, which no later stage can tell apart since they read the earlier encoding).
 
-Each of steps 2 and 3 is ``engine.backward(loss_fn, batch, combiner)`` ->
+Each of steps 2, 3 and 4 is ``engine.backward(loss_fn, batch, combiner)`` ->
 ``optimizer.step()`` -> ``engine.after_step(...)``: the engine computes exactly
 what the combiner declares it needs and writes ``.grad``; nothing here depends on
 which combiner runs. A loss not listed in ``AgentConfig.balance`` gets the ``ls``
@@ -67,12 +69,12 @@ from torch.func import functional_call
 
 from mtrl_ntk import foreach
 from mtrl_ntk.agent.models import Actor, TwinCritic, check_architecture, tanh_gaussian_sample
-from mtrl_ntk.combiners.base import GradientCombiner, make_combiner
+from mtrl_ntk.combiners.base import GradientCombiner, Need, make_combiner
 from mtrl_ntk.compilation import MaybeCompiled, begin_captured_step, capture_mode
 from mtrl_ntk.engine import EngineResult, TaskGradientEngine
 from mtrl_ntk.optim import CapturableAdam
 
-BALANCEABLE_LOSSES = ("critic", "actor")
+BALANCEABLE_LOSSES = ("critic", "actor", "alpha")
 
 
 class BatchLike(Protocol):
@@ -90,7 +92,10 @@ class AgentConfig:
     """Multi-task SAC settings; the defaults are mtrl's MT10 settings (docs/design.md).
 
     ``balance`` lists the losses whose per-task terms go through the combiners
-    given to ``MultiTaskSAC``; the others are averaged over tasks (``ls``).
+    given to ``MultiTaskSAC`` (``critic``, ``actor``, ``alpha``: the temperature's);
+    the others are averaged over tasks (``ls``). mtrl's gradient-manipulation agents
+    (``grad_manipulation.py``: PCGrad, and CAGrad's, Nash-MTL's and FairGrad's
+    subclasses) pass all three through the method.
     ``disentangled_alpha`` learns one temperature per task (mtrl's option); None
     (the default) means one per task for ``independent`` (T single-task SACs, each
     with its own temperature) and one shared temperature for every other
@@ -100,6 +105,7 @@ class AgentConfig:
     arch: str = "task_encoder"
     hidden_dim: int = 400
     num_layers: int = 3
+    head_layers: int = 1
     actor_lr: float = 3e-4
     critic_lr: float = 3e-4
     alpha_lr: float = 3e-4
@@ -110,7 +116,7 @@ class AgentConfig:
     log_std_min: float = -20.0
     log_std_max: float = 2.0
     task_embedding_dim: int = 50
-    balance: tuple[str, ...] = BALANCEABLE_LOSSES
+    balance: tuple[str, ...] = ("critic", "actor")
 
     def __post_init__(self) -> None:
         check_architecture(self.arch)
@@ -121,7 +127,7 @@ class AgentConfig:
         _check(all(name in BALANCEABLE_LOSSES for name in self.balance)
                and len(set(self.balance)) == len(self.balance),
                "balance", self.balance, f"distinct names among {BALANCEABLE_LOSSES}")
-        for name in ("hidden_dim", "num_layers", "task_embedding_dim"):
+        for name in ("hidden_dim", "num_layers", "head_layers", "task_embedding_dim"):
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                    name, value, "an integer >= 1")
@@ -146,6 +152,29 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
         raise ValueError(f"invalid value {value!r} for agent setting {name!r}: expected {allowed}")
 
 
+class Temperature(nn.Module):
+    """SAC's learned temperature: ``log_alpha`` [T] (one per task) or [1] (one shared).
+
+    ``forward(task_ids [B])`` is the per-sample log α [B]. With one per task, entry i
+    belongs to task i alone (``is_task_specific``): the engine keeps it out of the
+    Gramian, as the heads of ``multihead``; the shared one is a shared parameter.
+    """
+
+    def __init__(self, num_tasks: int, disentangled: bool, init_temperature: float) -> None:
+        super().__init__()
+        self.log_alpha = nn.Parameter(
+            torch.full((num_tasks if disentangled else 1,), math.log(init_temperature))
+        )
+
+    def is_task_specific(self, name: str) -> bool:
+        return self.log_alpha.shape[0] > 1
+
+    def forward(self, task_ids: Tensor) -> Tensor:
+        if self.log_alpha.shape[0] == 1:
+            return self.log_alpha.expand(task_ids.shape)
+        return self.log_alpha.index_select(0, task_ids)
+
+
 def _flatten_tasks(tensor: Tensor) -> Tensor:
     """[T, B_t, ...] -> [T * B_t, ...] (task-major: task i's samples stay contiguous)."""
     return tensor.reshape(tensor.shape[0] * tensor.shape[1], *tensor.shape[2:])
@@ -154,9 +183,12 @@ def _flatten_tasks(tensor: Tensor) -> Tensor:
 class MultiTaskSAC:
     """Multi-task SAC (actor, twin critic, Polyak targets, learned temperature).
 
-    ``critic_combiner`` and ``actor_combiner`` are separate instances (each keeps
-    its own state); either is replaced by ``ls`` when its loss is not in
-    ``cfg.balance``. ``seed`` seeds the generator of the policy noise.
+    ``critic_combiner``, ``actor_combiner`` and ``alpha_combiner`` (the temperature's)
+    are separate instances (each keeps its own state); each is replaced by ``ls`` when
+    its loss is not in ``cfg.balance``. ``alpha_combiner=None`` builds a fresh instance
+    of the actor combiner's kind and hyperparameters. Methods defined only for positive
+    losses (``needs_positive_losses``) stay off the actor and temperature losses, which
+    can be negative. ``seed`` seeds the generator of the policy noise.
     ``compile`` compiles ``update_graph`` as one graph (a CUDA graph on CUDA; see
     the module docstring) with ``torch.compile``'s ``compile_backend`` (tests use
     ``aot_eager``, which skips code generation); the result is the same update up
@@ -173,6 +205,7 @@ class MultiTaskSAC:
         actor_combiner: GradientCombiner,
         device: torch.device | str,
         *,
+        alpha_combiner: GradientCombiner | None = None,
         seed: int = 0,
         compile: bool = False,
         compile_backend: str = "inductor",
@@ -183,7 +216,14 @@ class MultiTaskSAC:
         self.num_tasks = num_tasks
         self.action_dim = action_dim
         self.target_entropy = -float(action_dim)
-        for role, combiner in (("critic", critic_combiner), ("actor", actor_combiner)):
+        if alpha_combiner is None:  # built only when used (building may draw from torch's RNG)
+            alpha_combiner = (
+                make_combiner(actor_combiner.name, num_tasks, **actor_combiner.hyperparameters())
+                if "alpha" in cfg.balance
+                else make_combiner("ls", num_tasks)
+            )
+        roles = (("critic", critic_combiner), ("actor", actor_combiner), ("alpha", alpha_combiner))
+        for role, combiner in roles:
             if combiner.num_tasks != num_tasks:
                 raise ValueError(
                     f"the {role} combiner {combiner.name!r} was built for {combiner.num_tasks} "
@@ -199,25 +239,37 @@ class MultiTaskSAC:
         self.actor_combiner = (
             actor_combiner if actor_balanced else make_combiner("ls", num_tasks)
         )
+        # The temperature loss α (-log π - H̄) changes sign with the entropy: the same rule.
+        alpha_balanced = "alpha" in cfg.balance and not alpha_combiner.needs_positive_losses
+        self.alpha_combiner = (
+            alpha_combiner if alpha_balanced else make_combiner("ls", num_tasks)
+        )
+        if Need.REPRESENTATION_NTK in self.alpha_combiner.need:
+            raise ValueError(
+                f"combiner {alpha_combiner.name!r} needs a shared representation, which the "
+                "temperature loss does not have: leave 'alpha' out of agent.balance"
+            )
 
         self.actor = Actor(
             obs_dim, action_dim, num_tasks, arch=cfg.arch, hidden_dim=cfg.hidden_dim,
             num_layers=cfg.num_layers, log_std_min=cfg.log_std_min,
             log_std_max=cfg.log_std_max, task_embedding_dim=cfg.task_embedding_dim,
+            head_layers=cfg.head_layers,
         ).to(self.device)
         self.critic = TwinCritic(
             obs_dim, action_dim, num_tasks, arch=cfg.arch, hidden_dim=cfg.hidden_dim,
             num_layers=cfg.num_layers, task_embedding_dim=cfg.task_embedding_dim,
+            head_layers=cfg.head_layers,
         ).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         # One temperature per task (disentangled) or one shared by all tasks.
-        self.log_alpha = nn.Parameter(torch.full(
-            (num_tasks if cfg.disentangled_alpha else 1,),
-            math.log(cfg.init_temperature), device=self.device,
-        ))
+        self.temperature = Temperature(
+            num_tasks, cfg.disentangled_alpha, cfg.init_temperature
+        ).to(self.device)
+        self.log_alpha = self.temperature.log_alpha
 
-        self.critic_combiner.to(self.device)
-        self.actor_combiner.to(self.device)
+        for combiner in (self.critic_combiner, self.actor_combiner, self.alpha_combiner):
+            combiner.to(self.device)
         self.actor_optimizer = CapturableAdam(list(self.actor.parameters()), cfg.actor_lr)
         self.critic_optimizer = CapturableAdam(list(self.critic.parameters()), cfg.critic_lr)
         self.alpha_optimizer = CapturableAdam([self.log_alpha], cfg.alpha_lr)
@@ -225,13 +277,18 @@ class MultiTaskSAC:
             self.critic, num_tasks, self.critic.is_task_specific
         )
         self.actor_engine = TaskGradientEngine(self.actor, num_tasks, self.actor.is_task_specific)
+        self.alpha_engine = TaskGradientEngine(
+            self.temperature, num_tasks, self.temperature.is_task_specific
+        )
         # State whose shape depends on d is allocated now, so that _state_tensors is complete.
         self.critic_combiner.prepare(self.critic_engine.shared_dim, self.device)
         self.actor_combiner.prepare(self.actor_engine.shared_dim, self.device)
+        self.alpha_combiner.prepare(self.alpha_engine.shared_dim, self.device)
         self.health = UpdateHealth(num_tasks, self.device)
         # The same function objects at every update, so that compiled code is reused.
         self._critic_loss_fn = self.critic_loss
         self._actor_loss_fn = self.actor_loss_against_critic
+        self._alpha_loss_fn = self.temperature_loss
         mode = capture_mode(self.device, compile_backend)
         self._update_fn = MaybeCompiled(
             self.update_graph, "the SAC update", compile, compile_backend, fullgraph=True,
@@ -262,7 +319,8 @@ class MultiTaskSAC:
                    *self.critic_target.parameters(), self.log_alpha]
         for optimizer in (self.actor_optimizer, self.critic_optimizer, self.alpha_optimizer):
             tensors += optimizer.state_tensors()
-        tensors += self.critic_combiner.state_tensors() + self.actor_combiner.state_tensors()
+        for combiner in (self.critic_combiner, self.actor_combiner, self.alpha_combiner):
+            tensors += combiner.state_tensors()
         return tensors + self.health.state_tensors()
 
     # -- acting ------------------------------------------------------------------------
@@ -343,6 +401,14 @@ class MultiTaskSAC:
         critic_params = {name: param.detach() for name, param in self.critic.named_parameters()}
         return self.actor_loss(critic_params, params, batch)
 
+    def temperature_loss(
+        self, params: dict[str, Tensor], batch: dict[str, Tensor]
+    ) -> tuple[Tensor, None]:
+        """Per-sample α_task (-log π(ã|s) - H̄) [B]; ``batch["entropy_gap"]`` holds the
+        detached -log π - H̄ (mtrl's ``(-log_pi - target_entropy).detach()``)."""
+        log_alpha = functional_call(self.temperature, params, (batch["task_ids"],))
+        return log_alpha.exp() * batch["entropy_gap"], None
+
     # -- one update ----------------------------------------------------------------------
 
     @torch.no_grad()
@@ -387,26 +453,30 @@ class MultiTaskSAC:
         num_tasks, per_task = batch.reward.shape
         if num_tasks != self.num_tasks:
             raise ValueError(f"batch has {num_tasks} tasks, the agent has {self.num_tasks}")
-        noise, critic_random, actor_random = self.draw_update_random(num_tasks, per_task)
+        noise, critic_random, actor_random, alpha_random = self.draw_update_random(
+            num_tasks, per_task
+        )
         # The previous replay's outputs (the metrics, already added into the trainer's sums)
         # may be overwritten.
         begin_captured_step(self._update_fn, self.device)
         return self._update_fn(
             batch.obs, batch.action, batch.reward, batch.next_obs, batch.done,
-            noise, critic_random, actor_random,
+            noise, critic_random, actor_random, alpha_random,
         )
 
     def draw_update_random(
         self, num_tasks: int, per_task: int
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """One update's random numbers, from the agent's own generators: the policy noise
-        [2, T, B_t, A] and both combiners' ``draw_random`` (None when one draws none)."""
+        [2, T, B_t, A] and the three combiners' ``draw_random`` (critic, actor, temperature;
+        None when one draws none)."""
         noise = torch.randn(
             (2, num_tasks, per_task, self.action_dim), generator=self.generator, device=self.device
         )
         critic_random = self.critic_combiner.draw_random(self.critic_engine.shared_dim, self.device)
         actor_random = self.actor_combiner.draw_random(self.actor_engine.shared_dim, self.device)
-        return noise, critic_random, actor_random
+        alpha_random = self.alpha_combiner.draw_random(self.alpha_engine.shared_dim, self.device)
+        return noise, critic_random, actor_random, alpha_random
 
     def update_graph(
         self,
@@ -418,6 +488,7 @@ class MultiTaskSAC:
         noise: Tensor,
         critic_random: Tensor | None,
         actor_random: Tensor | None,
+        alpha_random: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """The whole update as a function of the batch and its random numbers.
 
@@ -430,7 +501,9 @@ class MultiTaskSAC:
         scalar), ``critic_task_losses`` / ``actor_task_losses`` / ``task_entropy``
         [T], ``critic_weights`` / ``actor_weights`` [T] (when the combiner returns
         weights), ``critic_ntk_eigenvalues`` / ``actor_ntk_eigenvalues`` [T] (when
-        the combiner reports them), ``critic_gramian`` / ``actor_gramian`` [T, T]
+        the combiner reports them), ``alpha_weights``, ``alpha_conflicting_pairs`` and
+        ``alpha_solver_fallback`` (when ``"alpha"`` is balanced), ``critic_gramian`` /
+        ``actor_gramian`` [T, T]
         and ``critic_conflicting_pairs`` / ``actor_conflicting_pairs`` (when the
         engine formed the Gramian), ``*_solver_fallback`` (when the combiner has a
         solver), and ``finite`` (bool: the whole update was applied). Every metric
@@ -445,6 +518,7 @@ class MultiTaskSAC:
         alpha = self.alpha  # [T], before this update's temperature step
         critic_state = _snapshot(self.critic_combiner.state_tensors())
         actor_state = _snapshot(self.actor_combiner.state_tensors())
+        alpha_state = _snapshot(self.alpha_combiner.state_tensors())
         # task_encoder: the encoding before the critic's step, detached (mtrl's semantics).
         encoding = self.task_encoding(task_ids)  # [T, B_t, E] or None
 
@@ -479,22 +553,19 @@ class MultiTaskSAC:
         )
         actor_ok = critic_ok & actor_result.finite
 
-        # Temperature.
-        def temperature_loss(log_alpha: Tensor) -> Tensor:
-            alpha_per_sample = log_alpha.exp().expand(num_tasks).unsqueeze(1)  # [T, 1]
-            return (alpha_per_sample * (-log_prob - self.target_entropy)).mean()
-
-        if foreach.in_seed_axis():  # under vmap over seeds: autograd.grad does not run there
-            alpha_grad, alpha_loss = torch.func.grad_and_value(temperature_loss)(self.log_alpha)
-        else:
-            alpha_loss = temperature_loss(self.log_alpha)
-            (alpha_grad,) = torch.autograd.grad(alpha_loss, [self.log_alpha])
-        applied = actor_ok & torch.isfinite(alpha_loss) & torch.isfinite(alpha_grad).all()
-        self.alpha_optimizer.step([alpha_grad], applied)
+        # Temperature, per task through its combiner (the mean over tasks unless balanced).
+        alpha_batch = {"task_ids": task_ids, "entropy_gap": -log_prob - self.target_entropy}
+        alpha_result = self._step(
+            self.alpha_engine, self.alpha_optimizer, self._alpha_loss_fn, alpha_batch,
+            self.alpha_combiner, alpha_random, apply=actor_ok,
+        )
+        alpha_loss = alpha_result.losses.mean()
+        applied = actor_ok & alpha_result.finite
 
         # A skipped stage leaves its combiner's state as it was.
         _restore_where_not(critic_ok, self.critic_combiner.state_tensors(), critic_state)
         _restore_where_not(actor_ok, self.actor_combiner.state_tensors(), actor_state)
+        _restore_where_not(applied, self.alpha_combiner.state_tensors(), alpha_state)
         self.health.record(applied, critic_result.losses, actor_result.losses, alpha_loss)
 
         metrics = {
@@ -509,6 +580,10 @@ class MultiTaskSAC:
         }
         for role, result in (("critic", critic_result), ("actor", actor_result)):
             metrics.update(_combiner_metrics(role, result))
+        if self.alpha_combiner.name != "ls":
+            alpha_metrics = _combiner_metrics("alpha", alpha_result)
+            alpha_metrics.pop("alpha_gramian", None)  # [T, T] products of scalars: not logged
+            metrics.update(alpha_metrics)
         metrics = {key: _zero_unless(applied, value.detach()) for key, value in metrics.items()}
         metrics["finite"] = applied
         return metrics
@@ -547,7 +622,7 @@ class MultiTaskSAC:
     # -- checkpoints ---------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Networks, target critic, temperature, optimisers, both combiners, the noise RNG."""
+        """Networks, target critic, temperature, optimisers, the three combiners, the noise RNG."""
         return {
             "actor": self.actor.state_dict(),
             "critic": self.critic.state_dict(),
@@ -558,13 +633,16 @@ class MultiTaskSAC:
             "alpha_optimizer": self.alpha_optimizer.state_dict(),
             "critic_combiner": self.critic_combiner.state_dict(),
             "actor_combiner": self.actor_combiner.state_dict(),
+            "alpha_combiner": self.alpha_combiner.state_dict(),
             "generator": self.generator.get_state(),
             "health": self.health.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         expected = set(self.state_dict())
-        if set(state) | {"health"} != expected:  # checkpoints before the device guard: no health
+        # Checkpoints before the device guard have no health, before the temperature's
+        # combiner no alpha_combiner (the temperature was then always averaged: ls).
+        if set(state) | {"health", "alpha_combiner"} != expected:
             raise ValueError(
                 f"agent state has keys {sorted(state)}, expected {sorted(expected)}"
             )
@@ -583,6 +661,8 @@ class MultiTaskSAC:
         self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
         self.critic_combiner.load_state_dict(state["critic_combiner"])
         self.actor_combiner.load_state_dict(state["actor_combiner"])
+        if "alpha_combiner" in state:
+            self.alpha_combiner.load_state_dict(state["alpha_combiner"])
         self.generator.set_state(state["generator"].cpu())
         if "health" in state:
             self.health.load_state_dict(state["health"])

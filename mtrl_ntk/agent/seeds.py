@@ -128,7 +128,7 @@ def _setting_differences(agent: MultiTaskSAC, template: MultiTaskSAC) -> list[st
         for field in dataclasses.fields(template.cfg)
         if getattr(agent.cfg, field.name) != getattr(template.cfg, field.name)
     ]
-    for role in ("critic", "actor"):
+    for role in ("critic", "actor", "alpha"):
         mine, theirs = (_hyperparameters(getattr(a, f"{role}_combiner")) for a in (agent, template))
         if mine != theirs:
             differences.append(f"{role} combiner: {mine} vs {theirs}")
@@ -261,9 +261,10 @@ class SeedGroupSAC:
         noise = torch.stack([draw[0] for draw in draws])
         critic_random = _stack_draws([draw[1] for draw in draws])
         actor_random = _stack_draws([draw[2] for draw in draws])
+        alpha_random = _stack_draws([draw[3] for draw in draws])
         begin_captured_step(self._update_fn, self.device)
         with foreach.seed_axis():
-            return self._update_fn(*stacked, noise, critic_random, actor_random)
+            return self._update_fn(*stacked, noise, critic_random, actor_random, alpha_random)
 
     def update_graph(
         self,
@@ -275,12 +276,13 @@ class SeedGroupSAC:
         noise: Tensor,
         critic_random: Tensor | None,
         actor_random: Tensor | None,
+        alpha_random: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """``MultiTaskSAC.update_graph`` of every seed at once: every argument has a leading
         seed axis (call inside ``foreach.seed_axis()``)."""
         return self._vmapped(
             self._template.update_graph, obs, action, reward, next_obs, done, noise,
-            critic_random, actor_random,
+            critic_random, actor_random, alpha_random,
         )
 
     def _check_seeds(self, count: int, what: str) -> None:

@@ -154,6 +154,11 @@ class GradientCombiner(ABC):
         if state:
             raise ValueError(f"combiner {self.name!r} is stateless; got state keys {list(state)}")
 
+    def hyperparameters(self) -> dict[str, Any]:
+        """The keyword arguments ``__init__`` was given (or defaulted), by name: each
+        combiner keeps them as attributes of the same names."""
+        return {name: getattr(self, name) for name in combiner_params(self.name)}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_tasks={self.num_tasks})"
 

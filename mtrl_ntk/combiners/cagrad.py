@@ -10,6 +10,7 @@ from torch import Tensor
 
 from mtrl_ntk.combiners._tools import is_real
 from mtrl_ntk.combiners.base import check_param, register_combiner
+from mtrl_ntk.combiners.inner_sgd import cagrad_sgd, check_sgd_settings
 from mtrl_ntk.combiners.solvers import (
     KKT_TOLERANCE,
     GramianCombiner,
@@ -81,11 +82,22 @@ class CAGrad(WarmStart, GramianCombiner):
     λ = sqrt(φ)/‖g_w‖, as the authors' code (``rescale=1`` in the NYUv2 code, the
     same division in their MT10 code); the paper's d is (1 + c²) times ours.
 
-    Departures from the authors' code (Cranial-XIX/CAGrad): their MT10 code runs
-    20 SGD steps on softmax-parameterised weights of a Gramian divided by its
-    mean squared norm, with 1e-4 added inside and outside the square root of
-    ‖g_w‖²; their NYUv2 code calls SLSQP from the uniform weights, which stops
-    at its start on badly scaled problems. Our dual is exact (T <= 12); the
+    Two solvers (``solver``). ``"exact"`` (the default) is the solve above.
+    ``"sgd"`` is the authors' MT10 solver (Cranial-XIX/CAGrad, ``mtrl/mtrl_files/
+    cagrad.py``, ``cagrad_method=cagrad``, the method of their MT10 command
+    ``mtrl/mtrl_files/run.sh``): the Gramian divided by the squared mean gradient
+    norm, softmax-parametrised weights, ``sgd_steps`` = 20 momentum-SGD steps
+    (``sgd_lr`` = 25, ``sgd_momentum`` = 0.5) from zero logits, the best of the
+    21 evaluated iterates, the result divided by 1 + c², with the authors' 1e-4
+    constants (``inner_sgd.cagrad_sgd`` spells it out). It is far from the dual's
+    optimum when the steps cannot reach it; it starts cold at every step, as
+    theirs (the warm-start state is kept but unused), and runs in float64
+    (theirs in float32). Their code takes lr 50 when there are exactly 50 tasks
+    (MT50): set ``sgd_lr=50`` for that.
+
+    Departures of the exact solver from the authors' code: their MT10 code is the
+    SGD solver above; their NYUv2 code calls SLSQP from the uniform weights, which
+    stops at its start on badly scaled problems. Our dual is exact (T <= 12); the
     only smoothing is the 1e-10·diag(GGᵀ) ridge inside ‖g_w‖, which matters
     only when the hull of the gradients (nearly) contains 0: there g_w -> 0,
     its direction is undetermined, and the ridge keeps λ finite (at most about
@@ -97,10 +109,25 @@ class CAGrad(WarmStart, GramianCombiner):
 
     warm_start_key = "dual_weights"
 
-    def __init__(self, num_tasks: int, *, c: float = 0.4) -> None:
+    def __init__(
+        self,
+        num_tasks: int,
+        *,
+        c: float = 0.4,
+        solver: str = "exact",
+        sgd_steps: int = 20,
+        sgd_lr: float = 25.0,
+        sgd_momentum: float = 0.5,
+    ) -> None:
         super().__init__(num_tasks)
         check_param(is_real(c) and c >= 0, "c", c, "a finite real number >= 0 (0.4 in the paper)")
+        check_param(solver in ("exact", "sgd"), "solver", solver, "'exact' or 'sgd'")
+        check_sgd_settings(sgd_steps, sgd_lr, sgd_momentum)
         self.c = float(c)
+        self.solver = solver
+        self.sgd_steps = int(sgd_steps)
+        self.sgd_lr = float(sgd_lr)
+        self.sgd_momentum = float(sgd_momentum)
         self._init_warm_start()
 
 
@@ -114,6 +141,11 @@ class CAGrad(WarmStart, GramianCombiner):
             diagnostics = {"dual_weights": mean_weights, "dual_step": zero,
                            "kkt_violation": zero, "solver_converged": zero + 1.0}
             return rescale * mean_weights, zero > 0, diagnostics
+        if self.solver == "sgd":
+            found = cagrad_sgd(gramian, self.c, self.sgd_steps, self.sgd_lr, self.sgd_momentum)
+            diagnostics = {"dual_weights": found.dual_weights, "dual_step": found.step,
+                           "sgd_objective": found.objective}
+            return found.weights, torch.zeros_like(found.step, dtype=torch.bool), diagnostics
         dual = cagrad_dual(gramian, self.c, self.warm_start_on(gramian.device))
         dual_weights = torch.where(dual.solved, dual.dual_weights, mean_weights)
         weights = rescale * (mean_weights + dual.step * dual_weights)
@@ -126,4 +158,6 @@ class CAGrad(WarmStart, GramianCombiner):
         return weights, dual.failed, diagnostics
 
     def __repr__(self) -> str:
-        return f"CAGrad(num_tasks={self.num_tasks}, c={self.c})"
+        solver = "" if self.solver == "exact" else f", solver={self.solver!r}"
+        return f"CAGrad(num_tasks={self.num_tasks}, c={self.c}{solver})"
+

@@ -132,9 +132,17 @@ def test_update_matches_a_hand_computation_of_the_sac_losses_and_targets() -> No
         torch.testing.assert_close(new, 0.9 * old + 0.1 * online)
 
 
-@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a != "independent"])
-def test_engine_per_task_gradients_are_each_tasks_own_loss_gradient(arch: str) -> None:
-    agent = make_agent("ntkmtl", arch=arch, num_layers=2)
+@pytest.mark.parametrize(
+    ("arch", "head_layers"),
+    [(a, 1) for a in ARCHITECTURES if a != "independent"] + [("multihead", 2)],
+)
+def test_engine_per_task_gradients_are_each_tasks_own_loss_gradient(
+    arch: str, head_layers: int
+) -> None:
+    agent = make_agent("ntkmtl", arch=arch, num_layers=2, head_layers=head_layers)
+    if head_layers > 1:  # mtrl's multi-head: the heads' hidden layers are task-specific too
+        names = [n for n, _ in agent.critic.named_parameters() if "head_hidden" in n]
+        assert names and all(agent.critic.is_task_specific(n) for n in names)
     batch = make_batch(per_task=4)
     next_noise, _ = peek_noise(agent, per_task=4)
     task_ids = torch.arange(TASKS)[:, None].expand(TASKS, 4)
@@ -281,7 +289,9 @@ def test_invalid_settings_fail_with_the_key_and_the_allowed_values() -> None:
                        match="arch.*mtsac, obs_only, task_encoder, multihead, independent"):
         AgentConfig(arch="transformer")
     with pytest.raises(ValueError, match="balance"):
-        AgentConfig(balance=("critic", "alpha"))
+        AgentConfig(balance=("critic", "temperature"))
+    with pytest.raises(ValueError, match="balance"):
+        AgentConfig(balance=("critic", "critic"))
     with pytest.raises(ValueError, match="tau"):
         AgentConfig(tau=0.0)
     with pytest.raises(ValueError, match="log_std_max"):
