@@ -17,9 +17,8 @@ from pathlib import Path
 
 import yaml
 
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-RESULT_FILE = "result.json"
+from mtrl_ntk.rundir import CONFIG_FILE, METRICS_FILE, RESULT_FILE
+
 SUCCESS_MEAN_KEY = "eval/success_mean"
 TASK_SUCCESS_PREFIX = "eval/success/"
 
