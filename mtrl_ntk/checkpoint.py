@@ -6,8 +6,8 @@ Layout inside the run directory::
       step-000000010050.pt                      # one file per checkpoint; the last K are kept
       replay/rows-000000000000-000000010050.pt  # replay rows [start, stop), append-only
 
-A checkpoint file holds a run's state as the trainer composes it
-(``Trainer.state_dict`` in train.py: the agent with its combiners, the environment
+A checkpoint file holds a run's state as the trainer composes it (``SeedRun.state_dict``
+in mtrl_ntk/trainer/seed_run.py: the agent with its combiners, the environment
 state at an episode start, the generators, the step counter, the metric and
 episode accumulators, the non-finite guard's counters; each part is the
 ``state_dict`` of the object that owns it) plus two entries of this module's own:

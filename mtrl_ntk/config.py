@@ -63,7 +63,7 @@ def expand_integer_ranges(argv: Sequence[str]) -> list[str]:
     and ``seed=A..B`` into one job that trains those seeds side by side.
 
     ``seed=0..9`` as typed becomes ``seed=0 seeds=[0,...,9]``: one process, ten seeds
-    (mtrl_ntk/seed_group.py), each written to its own ``seed<k>`` run directory. With
+    (mtrl_ntk/trainer/), each written to its own ``seed<k>`` run directory. With
     ``seed_group=false`` on the command line it becomes a multirun over the ten seeds
     instead (one job per seed: SLURM arrays, or a launcher's parallel jobs), as every other
     key's range does: ``-m`` is added when a range became a sweep and no Hydra mode flag

@@ -28,14 +28,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from mtrl_ntk.atomic import write_text_atomically
-from mtrl_ntk.provenance import write_provenance
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -111,10 +108,3 @@ def read_result(run_dir: Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError):
         return None
     return result if isinstance(result, dict) else None
-
-
-def write_config_and_provenance(run_dir: Path, cfg: DictConfig, argv: Sequence[str]) -> None:
-    """The resolved config and the provenance, before training starts."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
-    write_provenance(run_dir, list(argv))

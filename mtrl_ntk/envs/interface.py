@@ -120,7 +120,7 @@ def checked_actions(actions: np.ndarray, num_tasks: int, action_dim: int) -> np.
     return actions
 
 
-class MultiTaskEnvBase:
+class MultiTaskEnvBase(MultiTaskEnvInterface):
     """What every backend's multi-task env shares, so they cannot drift apart.
 
     The argument checks, the call order (`reset()`, then `step_async` + `step_wait`

@@ -56,7 +56,6 @@ import numpy as np
 from mtrl_ntk.envs.backends import make_multitask_env
 from mtrl_ntk.envs.episodes import StepResult
 from mtrl_ntk.envs.interface import MultiTaskEnvInterface, checked_actions, stop_signals_blocked
-from mtrl_ntk.envs.protocols import Protocol
 from mtrl_ntk.envs.spec import EnvSpec
 from mtrl_ntk.errors import EnvWorkerError
 
@@ -223,7 +222,7 @@ class EnvWorkerPool:
         self.close()
 
 
-class EnvProxy:
+class EnvProxy(MultiTaskEnvInterface):
     """A multi-task env living in an `EnvWorkerPool` worker: a `MultiTaskEnvInterface`.
 
     The attributes fixed at construction (`_STATIC_ATTRIBUTES`) are read locally; every
@@ -233,19 +232,6 @@ class EnvProxy:
     `reset()`, is raised there). Calls made while a step is in flight are answered
     after it, in order.
     """
-
-    backend: str
-    benchmark: str
-    protocol: Protocol
-    seed: int
-    max_episode_steps: int
-    for_evaluation: bool
-    task_names: list[str]
-    num_tasks: int
-    obs_dim: int
-    action_dim: int
-    action_low: np.ndarray  # [A]
-    action_high: np.ndarray  # [A]
 
     def __init__(self, worker: _Worker, env_id: int, static: dict[str, Any]) -> None:
         self._worker = worker

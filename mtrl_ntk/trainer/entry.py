@@ -41,7 +41,7 @@ from mtrl_ntk.trainer.resume import (
 from mtrl_ntk.trainer.seed_run import open_seed_runs
 
 
-def seed_config(cfg: DictConfig, seed: int) -> DictConfig:
+def seed_config(cfg: DictConfig, seed: Any) -> DictConfig:
     """The config of seed ``seed``'s run: the job's, with ``seed: <seed>`` and ``seeds: null``."""
     single = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     OmegaConf.set_struct(single, False)
@@ -67,7 +67,7 @@ def train(
     """
     run_dir = Path.cwd() if run_dir is None else Path(run_dir)
     argv = list(sys.argv if argv is None else argv)
-    seeds = seed_list(cfg) or [int(cfg.seed)]
+    seeds = seed_list(cfg) or [cfg.get("seed")]  # checked with the rest by build_run_spec
     configs = [seed_config(cfg, seed) for seed in seeds]
     specs = [build_run_spec(config) for config in configs]  # every seed's errors before any work
     if len(seeds) == 1:

@@ -21,8 +21,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from mtrl_ntk.atomic import write_text_atomically
 from mtrl_ntk.checkpoint import Checkpoint, CheckpointManager
 from mtrl_ntk.errors import ConfigError
+from mtrl_ntk.provenance import write_provenance
 from mtrl_ntk.rundir import (
     CONFIG_FILE,
     FINISHED,
@@ -30,7 +32,6 @@ from mtrl_ntk.rundir import (
     has_metrics,
     read_result,
     truncate_metrics,
-    write_config_and_provenance,
 )
 
 # Settings a resumed run may change: they do not change what is computed.
@@ -132,7 +133,9 @@ def prepare_run_directory(
             + (f"{checkpoint.path.name}" if checkpoint else "scratch (no complete checkpoint)"),
             file=sys.stderr,
         )
-    write_config_and_provenance(run_dir, cfg, argv)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+    write_provenance(run_dir, list(argv))
 
 
 def resume_hint(argv: Sequence[str]) -> str:
