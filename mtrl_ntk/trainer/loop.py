@@ -136,10 +136,7 @@ class TrainingLoop:
             [run.agent for run in self.runs], compile=self.spec.train.compile
         )
         self.stopped: dict[int, dict[str, Any]] = {}  # seed -> its result.json, stopped for good
-
-    @property
-    def step(self) -> int:
-        return self.runs[0].step
+        self.step = self.runs[0].step  # steps done by every seed still training
 
     def phase(self, name: str) -> _Phase | _Unobserved:
         return _Phase(self.observers, name) if self.observers else _UNOBSERVED
@@ -164,6 +161,7 @@ class TrainingLoop:
                 with self.phase("env_send"):
                     for run, seed_actions in zip(self.runs, actions, strict=True):
                         run.send_actions(seed_actions)
+                self.step += 1
                 if train.overlap_env_step:
                     self._update()
                 with self.phase("env_wait"):
@@ -217,8 +215,7 @@ class TrainingLoop:
 
     def _end_step(self, stop: StopSignals, progress: tqdm) -> None:
         """Log, evaluate and checkpoint when due; stop after a stop signal's checkpoints."""
-        first = self.runs[0]
-        if first.log_due():
+        if self.runs[0].log_due():
             with self.phase("log"):
                 self._each(SeedRun.log)
         if self.runs and self.runs[0].evaluation_due():
