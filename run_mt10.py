@@ -43,8 +43,8 @@ def _fail(error: ConfigError) -> None:
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def run(cfg: DictConfig) -> float:
     """One Hydra job: train, and return the final mean evaluation success (for sweepers)."""
-    from mtrl_ntk.faults import RunStopped  # heavy imports only once the command line is valid
-    from mtrl_ntk.train import train
+    from mtrl_ntk.errors import RunStopped
+    from mtrl_ntk.trainer import train  # heavy imports only once the command line is valid
 
     try:
         result = train(cfg, run_dir=Path(HydraConfig.get().runtime.output_dir), argv=_TYPED_ARGV)

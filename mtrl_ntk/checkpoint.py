@@ -6,8 +6,8 @@ Layout inside the run directory::
       step-000000010050.pt                      # one file per checkpoint; the last K are kept
       replay/rows-000000000000-000000010050.pt  # replay rows [start, stop), append-only
 
-A checkpoint file holds a run's state as the trainer composes it
-(``Trainer.state_dict`` in train.py: the agent with its combiners, the environment
+A checkpoint file holds a run's state as the trainer composes it (``SeedRun.state_dict``
+in mtrl_ntk/trainer/seed_run.py: the agent with its combiners, the environment
 state at an episode start, the generators, the step counter, the metric and
 episode accumulators, the non-finite guard's counters; each part is the
 ``state_dict`` of the object that owns it) plus two entries of this module's own:
@@ -59,7 +59,6 @@ GPU runs with the same seed.
 from __future__ import annotations
 
 import io
-import json
 import math
 import re
 import sys
@@ -71,8 +70,8 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
-from mtrl_ntk.atomic import fsync_directory, write_atomically, write_text_atomically
-from mtrl_ntk.faults import RunStopped
+from mtrl_ntk.atomic import fsync_directory, write_atomically
+from mtrl_ntk.errors import CheckpointError
 from mtrl_ntk.replay import MultiTaskReplayBuffer
 
 CHECKPOINT_DIR = "checkpoints"
@@ -80,10 +79,6 @@ REPLAY_DIR = "replay"
 FORMAT_VERSION = 1
 _CHECKPOINT_NAME = re.compile(r"^step-(\d{12})\.pt$")
 _SEGMENT_NAME = re.compile(r"^rows-(\d{12})-(\d{12})\.pt$")
-
-
-class CheckpointError(RunStopped):
-    """A checkpoint could not be written or read; the previous one is intact."""
 
 
 def _step_of(path: Path) -> int:
@@ -143,38 +138,6 @@ def _float_leaves(tree: Any, path: str = "") -> list[tuple[str, float]]:
         return [leaf for index, value in enumerate(tree)
                 for leaf in _float_leaves(value, f"{path}[{index}]")]
     return []
-
-
-def truncate_metrics(path: Path, last_step: int) -> int:
-    """Atomically drop the rows of ``path`` (metrics.jsonl) after ``last_step``, and a torn
-    last line; returns how many rows were dropped."""
-    if not path.exists():
-        return 0
-    kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line torn by the kill
-            dropped += 1
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
-            kept.append(line)
-        else:
-            dropped += 1
-    if dropped:
-        text = "".join(line + "\n" for line in kept)
-        write_text_atomically(path, text)
-    return dropped
-
-
-def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
-    """``key: saved -> current`` for every leaf that differs between two config trees."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        return [difference for key in sorted(set(saved) | set(current), key=str)
-                for difference in config_differences(
-                    saved.get(key, "<absent>"), current.get(key, "<absent>"),
-                    f"{prefix}.{key}" if prefix else str(key))]
-    return [] if saved == current else [f"{prefix}: {saved!r} -> {current!r}"]
 
 
 # -- the files -------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from mtrl_ntk.agent import ARCHITECTURES, AgentConfig
 from mtrl_ntk.combiners import GradientCombiner, available_combiners, combiner_class, make_combiner
 from mtrl_ntk.combiners.base import Need
-from mtrl_ntk.envs import BACKENDS, BENCHMARK_TASKS, PROTOCOLS, Protocol
+from mtrl_ntk.envs import BACKENDS, BENCHMARK_TASKS, PROTOCOLS, Protocol, serving_problem
+from mtrl_ntk.errors import ConfigError
 
 _TOP_LEVEL_KEYS = {
     "combiner", "env", "protocol", "agent", "seed", "seeds", "seed_group", "device", "name",
@@ -38,10 +39,6 @@ _HYDRA_MODE_FLAGS = {
     "-m", "--multirun", "-r", "--run", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion",
 }
 _INTEGER_RANGE = re.compile(r"^(?P<key>[A-Za-z_][\w.]*)=(?P<first>-?\d+)\.\.(?P<last>-?\d+)$")
-
-
-class ConfigError(ValueError):
-    """An invalid configuration: one line naming the key and what is allowed."""
 
 
 def closest_match_hint(value: Any, valid: Iterable[str]) -> str:
@@ -67,7 +64,7 @@ def expand_integer_ranges(argv: Sequence[str]) -> list[str]:
     and ``seed=A..B`` into one job that trains those seeds side by side.
 
     ``seed=0..9`` as typed becomes ``seed=0 seeds=[0,...,9]``: one process, ten seeds
-    (mtrl_ntk/seed_group.py), each written to its own ``seed<k>`` run directory. With
+    (mtrl_ntk/trainer/), each written to its own ``seed<k>`` run directory. With
     ``seed_group=false`` on the command line it becomes a multirun over the ten seeds
     instead (one job per seed: SLURM arrays, or a launcher's parallel jobs), as every other
     key's range does: ``-m`` is added when a range became a sweep and no Hydra mode flag
@@ -225,7 +222,8 @@ class DebugSettings:
 
     They exist so the tests can exercise the fault paths of a real run end to end:
     ``nan_at_step``/``nan_steps``/``nan_task`` make that task's rewards in the sampled
-    batch NaN (so its TD targets and critic loss are NaN) for ``nan_steps`` updates;
+    batch NaN (so its TD targets and critic loss are NaN) for ``nan_steps`` updates
+    (of seed ``nan_seed`` only, when given);
     ``kill_at_step`` SIGKILLs the process at the end of that step (after its
     checkpoint, if any); ``kill_during_checkpoint`` SIGKILLs it halfway through
     writing the n-th checkpoint file of the session.
@@ -234,6 +232,7 @@ class DebugSettings:
     nan_at_step: int | None = None
     nan_steps: int = 1
     nan_task: str | None = None  # None: the first task
+    nan_seed: int | None = None  # None: every seed of a group
     kill_at_step: int | None = None
     kill_during_checkpoint: int | None = None
 
@@ -329,6 +328,7 @@ def _debug(node: DictConfig | None, task_names: Sequence[str]) -> DebugSettings:
         nan_at_step=_optional_integer(node, "nan_at_step", "debug.", 1),
         nan_steps=_integer(node, "nan_steps", "debug.", 1) if "nan_steps" in node else 1,
         nan_task=nan_task,
+        nan_seed=_optional_integer(node, "nan_seed", "debug.", 0),
         kill_at_step=_optional_integer(node, "kill_at_step", "debug.", 1),
         kill_during_checkpoint=_optional_integer(node, "kill_during_checkpoint", "debug.", 1),
     )
@@ -504,8 +504,9 @@ def build_run_spec(cfg: DictConfig) -> RunSpec:
     seed = _integer(cfg, "seed", "", 0)
     seed_list(cfg)  # checked here too, so that a group's config error comes before any work
     protocol = _protocol(cfg.protocol)
-    if env_backend == "envpool":
-        _check_envpool(protocol)
+    problem = serving_problem(env_backend, protocol)
+    if problem is not None:
+        raise ConfigError(problem)
     return RunSpec(
         seed=seed,
         device=resolve_device(cfg.device),
@@ -522,21 +523,6 @@ def build_run_spec(cfg: DictConfig) -> RunSpec:
         env_backend=env_backend,
         seed_workers=None if seed_workers == "auto" else seed_workers,
     )
-
-
-def _check_envpool(protocol: Protocol) -> None:
-    """env.backend=envpool: the package is importable and can reproduce the protocol."""
-    from mtrl_ntk.envs.envpool_env import envpool_unavailable_reason, protocol_unsupported_reason
-
-    unavailable = envpool_unavailable_reason()
-    if unavailable is not None:
-        raise ConfigError(f"env.backend=envpool: {unavailable}")
-    reason = protocol_unsupported_reason(protocol)
-    if reason is not None:
-        raise ConfigError(
-            f"env.backend=envpool cannot serve protocol={protocol.name}: {reason}; "
-            "use env.backend=metaworld or protocol=mwplus"
-        )
 
 
 def make_combiners(spec: RunSpec) -> tuple[GradientCombiner, GradientCombiner]:

@@ -8,7 +8,7 @@ SIGTERM (a scheduler's preemption), SIGUSR2 (SLURM's warning before the time lim
 as submitit configures it) and SIGINT (Ctrl-C) finish the current step, write a
 checkpoint at the next episode end and stop with a message that says how to resume.
 Every deliberate stop is a :class:`RunStopped` carrying the exit status the entry
-point uses.
+point uses (the error classes live on the ground floor, mtrl_ntk/errors.py).
 
 Cost of the non-finite check (``train.check_finite``): nothing per update. The
 agent's update skips a non-finite stage with ``torch.where`` and counts skips in
@@ -24,33 +24,25 @@ import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from mtrl_ntk.agent import MultiTaskSAC
+from mtrl_ntk.errors import EXIT_FAILED, NonFiniteUpdates, RunInterrupted, RunStopped
 from mtrl_ntk.replay import Batch
 
-EXIT_FAILED = 1
+__all__ = [
+    "EXIT_FAILED", "NonFiniteUpdates", "RunInterrupted", "RunStopped", "StopSignals",
+    "UpdateGuard", "describe_non_finite", "poison_batch",
+]
 
 
-class RunStopped(RuntimeError):
-    """The run stopped before its last step, with a message for a person (no traceback)."""
+class AgentHealth(Protocol):
+    """What the guard reads of an agent: its device-side ``UpdateHealth`` (``MultiTaskSAC``)."""
 
-    exit_code = EXIT_FAILED
-
-
-class RunInterrupted(RunStopped):
-    """SIGTERM or SIGINT: a checkpoint was written, then the run stopped."""
-
-    def __init__(self, message: str, signal_number: int) -> None:
-        super().__init__(message)
-        self.exit_code = 128 + signal_number  # the shell's convention for "killed by signal"
-
-
-class NonFiniteUpdates(RunStopped):
-    """Too many consecutive updates had a non-finite loss or gradient."""
+    @property
+    def health(self) -> Any: ...
 
 
 # -- non-finite updates ---------------------------------------------------------------------
@@ -90,7 +82,7 @@ class UpdateGuard:
     """
 
     def __init__(
-        self, agent: MultiTaskSAC, task_names: Sequence[str], max_consecutive_skips: int,
+        self, agent: AgentHealth, task_names: Sequence[str], max_consecutive_skips: int,
         label: str = "",
     ) -> None:
         self.agent = agent

@@ -1,8 +1,8 @@
-"""The process-wide random number generators (Python, NumPy, torch CPU, CUDA) as state.
+"""The process-wide random number generators (Python, NumPy, torch CPU, CUDA): seeding and state.
 
 They belong to no object, so this module gives them the ``state_dict`` /
 ``load_state_dict`` pair every other part of a run has; the trainer composes it
-into its own state (``Trainer.state_dict``), and checkpoints only store the result.
+into its own state (``SeedRun.state_dict``), and checkpoints only store the result.
 NumPy's key is kept as an int64 tensor so that ``torch.load(weights_only=True)``
 reads it back.
 """
@@ -15,6 +15,19 @@ from typing import Any
 
 import numpy as np
 import torch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (CUDA included)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def derive_seeds(seed: int, count: int) -> list[int]:
+    """``count`` independent 63-bit seeds derived from ``seed`` (NumPy's SeedSequence.spawn)."""
+    children = np.random.SeedSequence(seed).spawn(count)
+    return [int(child.generate_state(1, np.uint64)[0] >> np.uint64(1)) for child in children]
 
 
 def capture_global_rng() -> dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from mtrl_ntk.envs import PROTOCOLS, EnvWorkerPool, make_multitask_env
+from mtrl_ntk.envs import PROTOCOLS, EnvSpec, EnvWorkerPool, make_multitask_env
 
 
 def measure(envs: list[Any], steps: int, rng: np.random.Generator) -> tuple[float, float]:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         envs["local"] = [
             stack.enter_context(make_multitask_env(
-                "metaworld", args.benchmark, protocol, seed=seed, vector_strategy="sync"
+                EnvSpec("metaworld", args.benchmark, protocol, seed=seed, vector_strategy="sync")
             ))
             for seed in seeds
         ]
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             pool = stack.enter_context(EnvWorkerPool(width))
             envs[f"pool_{width}"] = [
-                pool.make_env("metaworld", args.benchmark, protocol, seed=seed) for seed in seeds
+                pool.make_env(EnvSpec("metaworld", args.benchmark, protocol, seed=seed))
+                for seed in seeds
             ]
             build_seconds[f"pool_{width}"] = time.perf_counter() - started
         for group in envs.values():

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from mtrl_ntk.envs import PROTOCOLS, MultiTaskEnv, make_multitask_env
+from mtrl_ntk.envs import PROTOCOLS, EnvSpec, MultiTaskEnv, make_multitask_env
 
 
 def _pin(env: MultiTaskEnv, cores: set[int]) -> None:
@@ -74,12 +74,12 @@ def transitions_per_second(env: MultiTaskEnv, steps: int, rng: np.random.Generat
 def _envpool_pool(task_name: str, num_envs: int) -> Any:
     import envpool
 
-    from mtrl_ntk.envs.envpool_env import _task_id
+    from mtrl_ntk.envs.envpool_env import task_id
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # EnvPool's gymnasium deprecation notes
         pool = envpool.make_gymnasium(
-            _task_id(task_name), num_envs=num_envs, num_threads=1, seed=0,
+            task_id(task_name), num_envs=num_envs, num_threads=1, seed=0,
             partially_observable=False,
         )
     pool.reset()
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         for backend, strategy, _, kind in configs.values():
             if kind not in ALONE and (backend, strategy) not in envs:
                 envs[backend, strategy] = make_multitask_env(
-                    backend, args.benchmark, protocol, seed=0, vector_strategy=strategy
+                    EnvSpec(backend, args.benchmark, protocol, seed=0, vector_strategy=strategy)
                 )
                 envs[backend, strategy].reset()
         task_names = next(iter(envs.values())).task_names

@@ -2,32 +2,31 @@
 
 Composes the Hydra config exactly as ``run_mt10.py`` does (``configs/``, the
 preset as ``experiment=<preset>``, then any extra ``key=value`` overrides),
-builds ``mtrl_ntk.train.Trainer`` and runs its loop for a short warm-up of
+builds the seed runs and the loop as training does (``mtrl_ntk.trainer``:
+``open_seed_runs``, ``TrainingLoop``), and runs the loop for a short warm-up of
 random actions (``train.warmup_steps``) followed by ``--steps`` update steps.
-The Trainer is not modified: its instance's methods are wrapped with timers
-(``torch.cuda.synchronize()`` on entry and exit on CUDA, so asynchronous GPU
-work is charged to the phase that launched it):
+Nothing is patched: the clock is one of the loop's observers
+(``mtrl_ntk.trainer.LoopObserver``), told when every step and phase starts and ends
+(``torch.cuda.synchronize()`` at every phase boundary on CUDA, so asynchronous GPU
+work is charged to the phase that launched it). The loop's phases, for all seeds of
+a step at once:
 
-  act          policy forward for the next actions (``Trainer._actions``)
-  env          environment stepping (``env.step``, or ``step_async`` + ``step_wait``)
-  buffer_add   writing the transitions (``buffer.add``)
-  sample       replay sampling (``buffer.sample``)
-  update       one SAC update: critic, actor, temperature, Polyak (``agent.update``)
-  guard        the rest of ``Trainer._update``, if the Trainer has one: the non-finite
-               update guard (a copy of the agent's state and a host sync per update)
-  metrics      on-device metric sums (the log/eval accumulators' ``add``)
-  log          TensorBoard logging every ``train.log_every`` steps (``_log_window``)
-  eval         evaluations (``_evaluate``; the run always ends with one)
-  checkpoint   checkpoints, if the Trainer has them (``_maybe_checkpoint`` and
-               ``checkpoints.save``, or any method named *checkpoint*)
+  act          the actions: warm-up draws, or one policy call for all seeds
+  env          environment stepping (sending the actions, then collecting the step)
+  buffer_add   writing the transitions into the replay buffers
+  sample       replay sampling
+  guard        telling the non-finite guards which step each update is
+  update       one SAC update (of all seeds: one vmapped call)
+  metrics      on-device metric sums (the log/eval windows)
+  log          TensorBoard logging every ``train.log_every`` steps
+  eval         evaluations (the run always ends with one)
+  checkpoint   checkpoints written
   other        the rest of the loop (tqdm, episode statistics, Python)
-
-Times are exclusive: a timed call inside another (``agent.update`` inside
-``_update``) is charged to its own phase, not to the caller's.
 
 Only the steps that contain an update are measured (after ``--skip-steps``
 updates that pay one-time costs). The evaluation environment is built before
-the clock starts. The projection to ``--project-steps`` steps adds the per-call
+the clock starts, as training builds it (``SeedRun.ensure_evaluator``, on the
+configured backend). The projection to ``--project-steps`` steps adds the per-call
 cost of evaluation, logging and checkpoints at the configured cadence to the
 per-step cost of the rest.
 
@@ -41,10 +40,9 @@ page faults for the engine's large temporary tensors) unless
     python scripts/bench_train.py --preset paper --device cuda --json-out bench.json
     python scripts/bench_train.py --preset smoke --seeds 10      # a seed group (seed=0..9)
 
-``--seeds S`` measures the loop of a seed group (``mtrl_ntk.seed_group``): S seeds'
-trainers in lock step, one policy call and one vmapped update for all of them
-(``--seeds 1`` is a single run, as ``seed=k..k`` is)
-(``update`` is that one call; the other phases add up every seed's). Steps/s are
+``--seeds S`` measures the loop over S seeds: S seed runs in lock step, one policy
+call and one vmapped update for all of them (``--seeds 1`` is a single run, as
+``seed=k..k`` is; ``update`` is that one call, the other phases every seed's). Steps/s are
 the group's (every seed advanced that many steps); ``seed_steps_per_second`` is S
 times it, and the projection is the time of all S seeds' runs.
 
@@ -60,7 +58,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import contextlib
-import functools
 import json
 import math
 import platform
@@ -90,6 +87,8 @@ PHASES = (
     "act", "env", "buffer_add", "sample", "update", "guard", "metrics", "log", "eval",
     "checkpoint", "other",
 )
+# The loop's phases (mtrl_ntk.trainer.PHASES) -> this table's.
+_PHASE_OF = {"env_send": "env", "env_wait": "env"}
 # Phases that happen at a cadence, not every step: the projection amortises them per call.
 _PERIODIC = ("log", "eval", "checkpoint")
 DEFAULT_WARMUP = {"smoke": 20, "paper": 20}
@@ -99,15 +98,16 @@ DEFAULT_STEPS = {"smoke": 100, "paper": 300}
 class PhaseClock:
     """Exclusive wall time and call counts per phase, inside the measured window only.
 
-    A timed call made while another is running pauses the outer one's clock, so
-    each second is charged to exactly one phase. A call is counted when its
-    wrapper counts calls and it is not nested in a counted call of the same phase.
+    A loop observer (``mtrl_ntk.trainer.LoopObserver``): the loop reports every step
+    and phase. A phase started while another runs pauses the outer one's clock, so
+    each second is charged to exactly one phase. Sending a step's actions and
+    collecting it are one "env" call.
     """
 
     def __init__(self, device: torch.device, synchronize: bool) -> None:
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.calls = dict.fromkeys(PHASES, 0)
-        self.present = dict.fromkeys(PHASES, False)
+        self.present = dict.fromkeys(PHASES, True)  # the loop reports every phase
         self.measuring = False
         self.window_start: float | None = None
         self.window_end: float | None = None
@@ -115,6 +115,8 @@ class PhaseClock:
         self._stack: list[list[Any]] = []  # [phase, running since, counted]
         self._synchronize = synchronize and device.type == "cuda"
         self._device = device
+        self.first_measured_step = 1  # the 1-based step whose start opens the window
+        self._open: list[Any] = []  # the phases the loop has started and not yet ended
 
     def sync(self) -> None:
         if self._synchronize:
@@ -143,17 +145,23 @@ class PhaseClock:
             if self._stack:  # resume the caller's phase
                 self._stack[-1][1] = now
 
-    def wrap(self, owner: Any, attribute: str, name: str, count: bool = True) -> None:
-        """Replace ``owner.attribute`` (a bound method) by a timed one, on the instance only."""
-        original = getattr(owner, attribute)
+    # -- mtrl_ntk.trainer.LoopObserver ---------------------------------------------------
 
-        @functools.wraps(original)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            with self.phase(name, count):
-                return original(*args, **kwargs)
+    def step_started(self, step: int) -> None:
+        """Open the window at the first measured step; count the steps in it."""
+        if not self.measuring and self.window_start is None and step >= self.first_measured_step:
+            self.start_window()
+        if self.measuring:
+            self.measured_steps += 1
 
-        setattr(owner, attribute, timed)
+    def phase_started(self, phase: str) -> None:
+        name = _PHASE_OF.get(phase, phase)
         self.present[name] = True
+        self._open.append(self.phase(name, count=phase != "env_send"))
+        self._open[-1].__enter__()
+
+    def phase_ended(self, phase: str) -> None:
+        self._open.pop().__exit__(None, None, None)
 
     def start_window(self) -> None:
         self.sync()
@@ -176,118 +184,6 @@ def compose_config(preset: str, overrides: list[str]) -> DictConfig:
         return compose(config_name="config", overrides=arguments)
 
 
-def time_actions(loop: Any, clock: PhaseClock, skip_updates: int, warmup_steps: int) -> None:
-    """Time ``loop._actions`` (a Trainer's or a seed group's) as "act", and open the window
-    when the step that holds update number ``skip_updates + 1`` starts (at that call)."""
-    first_measured_step = max(warmup_steps, 1) + skip_updates  # 1-based step index
-    original_actions = loop._actions
-
-    @functools.wraps(original_actions)
-    def actions(observations: Any) -> Any:
-        if not clock.measuring and clock.window_start is None and (
-            loop.step + 1 >= first_measured_step
-        ):
-            clock.start_window()
-        if clock.measuring:
-            clock.measured_steps += 1
-        with clock.phase("act"):
-            return original_actions(observations)
-
-    loop._actions = actions
-    for present in ("act", "other"):
-        clock.present[present] = True
-
-
-def instrument(trainer: Any, clock: PhaseClock, skip_updates: int, warmup_steps: int) -> None:
-    """Wrap the Trainer instance's stages with timers (the instance only, not the class).
-
-    The window opens when the step that holds update number ``skip_updates + 1``
-    starts (at its ``_actions`` call).
-    """
-    time_actions(trainer, clock, skip_updates, warmup_steps)
-    for attribute in ("step", "step_async", "step_wait"):
-        if callable(getattr(trainer.env, attribute, None)):
-            # step_async + step_wait is one step: count the calls of one of them.
-            clock.wrap(trainer.env, attribute, "env", count=attribute != "step_async")
-    clock.wrap(trainer.buffer, "add", "buffer_add")
-    clock.wrap(trainer.buffer, "sample", "sample")
-    clock.wrap(trainer.agent, "update", "update")
-    if callable(getattr(trainer, "_update", None)):
-        clock.wrap(trainer, "_update", "guard")
-    for window in ("log_window", "eval_window"):
-        clock.wrap(getattr(trainer, window), "add", "metrics")
-    clock.wrap(trainer, "_log_window", "log")
-    clock.wrap(trainer, "_evaluate", "eval")
-    manager = getattr(trainer, "checkpoints", None)
-    if callable(getattr(trainer, "_maybe_checkpoint", None)) and callable(
-        getattr(manager, "save", None)
-    ):
-        clock.wrap(trainer, "_maybe_checkpoint", "checkpoint", count=False)  # checks each step
-        clock.wrap(manager, "save", "checkpoint")  # counts the checkpoints written
-    else:
-        for name in sorted(dir(type(trainer))):
-            if "checkpoint" in name.lower() and callable(getattr(trainer, name, None)):
-                clock.wrap(trainer, name, "checkpoint")
-
-
-def instrument_group(
-    group: Any, clock: PhaseClock, skip_updates: int, warmup_steps: int
-) -> None:
-    """``instrument`` for a seed group: the group's action and update calls, and every
-    seed's environment, replay buffer, logging, evaluation and checkpoint calls."""
-    import mtrl_ntk.seed_group as seed_group
-
-    time_actions(group, clock, skip_updates, warmup_steps)
-    clock.wrap(group.group, "update", "update")
-    clock.wrap(group, "_maybe_update", "guard")
-    original_add = seed_group.add_per_seed
-
-    @functools.wraps(original_add)
-    def add_per_seed(*args: Any, **kwargs: Any) -> Any:
-        with clock.phase("metrics"):
-            return original_add(*args, **kwargs)
-
-    seed_group.add_per_seed = add_per_seed
-    clock.present["metrics"] = True
-    original_evaluations = group._evaluations
-
-    @functools.wraps(original_evaluations)
-    def evaluations() -> Any:
-        if not group.trainers[0].evaluation_due():
-            return original_evaluations()
-        with clock.phase("eval"):  # one call: every seed's evaluation, side by side
-            return original_evaluations()
-
-    group._evaluations = evaluations
-    clock.present["eval"] = True
-    # Periodic phases count once per event (the first seed's call), so that the projection's
-    # per-call cost is that of all S seeds.
-    for index, trainer in enumerate(group.trainers):
-        first = index == 0
-        for attribute in ("step_async", "step_wait"):
-            clock.wrap(trainer.env, attribute, "env", count=attribute != "step_async")
-        clock.wrap(trainer.buffer, "add", "buffer_add")
-        clock.wrap(trainer.buffer, "sample", "sample")
-        clock.wrap(trainer, "_log_window", "log", count=first)
-        clock.wrap(trainer, "_evaluate", "eval", count=False)
-        clock.wrap(trainer, "_maybe_checkpoint", "checkpoint", count=False)
-        clock.wrap(trainer.checkpoints, "save", "checkpoint", count=first)
-
-
-def prebuild_evaluator(trainer: Any) -> float:
-    """Build the evaluation env the first ``_evaluate`` would build; returns its seconds."""
-    if getattr(trainer, "evaluator", "absent") is not None:
-        return 0.0
-    from mtrl_ntk.envs import Evaluator
-
-    spec = trainer.spec
-    started = time.perf_counter()
-    trainer.evaluator = Evaluator(
-        spec.benchmark, spec.protocol, spec.seed, vector_strategy=spec.vector_strategy
-    )
-    return time.perf_counter() - started
-
-
 def measure(
     preset: str,
     overrides: list[str],
@@ -300,8 +196,7 @@ def measure(
     seeds: int | None = None,
 ) -> dict[str, Any]:
     """Run the loop and return the breakdown (see the module docstring)."""
-    from mtrl_ntk.seed_group import SeedGroupTrainer, seed_config
-    from mtrl_ntk.train import Trainer, seed_everything
+    from mtrl_ntk.trainer import TrainingLoop, open_seed_runs, seed_config
 
     if seeds == 1:
         seeds = None  # as run_mt10.py runs seed=k..k: a single run, not a group of one
@@ -318,31 +213,24 @@ def measure(
     OmegaConf.update(cfg, "train.log_every", max(1, min(log_every, steps // 2)))
     if checkpoint_every:
         OmegaConf.update(cfg, "train.checkpoint_every", max(1, min(checkpoint_every, steps // 2)))
-    spec = build_run_spec(cfg)
-    seed_everything(spec.seed)
+    seed_list = [int(cfg.seed)] if seeds is None else list(range(cfg.seed, cfg.seed + seeds))
+    specs = [build_run_spec(seed_config(cfg, seed)) for seed in seed_list]
+    spec = specs[0]
 
     with contextlib.ExitStack() as stack:
         if run_dir is None:
             run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_train_")))
         run_dir.mkdir(parents=True, exist_ok=True)
+        run_dirs = [run_dir] if seeds is None else [run_dir / f"seed{seed}" for seed in seed_list]
         clock = PhaseClock(spec.device, sync_timers)
+        clock.first_measured_step = max(warmup_steps, 1) + skip_steps
         setup_started = time.perf_counter()
-        trainers: list[Any] = []
-        try:
-            if seeds is None:
-                trainers.append(Trainer(spec, run_dir))
-            else:
-                for seed in range(spec.seed, spec.seed + seeds):
-                    seed_everything(seed)
-                    seed_spec = build_run_spec(seed_config(cfg, seed))
-                    trainers.append(Trainer(seed_spec, run_dir / f"seed{seed}", in_group=True))
-            evaluator_seconds = sum(prebuild_evaluator(trainer) for trainer in trainers)
-            loop: Any = trainers[0]
-            if seeds is None:
-                instrument(loop, clock, skip_steps, warmup_steps)
-            else:
-                loop = SeedGroupTrainer(trainers, resume_hint="")
-                instrument_group(loop, clock, skip_steps, warmup_steps)
+        with open_seed_runs(specs, run_dirs, [None] * len(specs)) as runs:
+            evaluator_started = time.perf_counter()
+            for run in runs:  # the evaluation envs the first evaluation would build
+                run.ensure_evaluator()
+            evaluator_seconds = time.perf_counter() - evaluator_started
+            loop = TrainingLoop(runs, resume_hint="", observers=[clock])
             setup_seconds = time.perf_counter() - setup_started
             if spec.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(spec.device)
@@ -350,9 +238,6 @@ def measure(
             loop.run()
             clock.stop_window()
             run_seconds = time.perf_counter() - run_started
-        finally:
-            for trainer in trainers:
-                trainer.close()
 
     result = summarise(
         clock, spec, cfg, preset, overrides,
@@ -413,7 +298,7 @@ def summarise(
         else:  # no cadence or no call: amortised as measured in the window
             projected += clock.seconds[name] / steps * project_steps
             projection_notes[name] = (
-                "as measured per step" if clock.present[name] else "absent in this Trainer"
+                "as measured per step" if clock.present[name] else "absent in this run"
             )
 
     device = spec.device

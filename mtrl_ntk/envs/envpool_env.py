@@ -1,9 +1,10 @@
 """Meta-World v3 through EnvPool's native C++ ports: the `env.backend=envpool` MultiTaskEnv.
 
-Same interface as `mtrl_ntk.envs.metaworld_env.MultiTaskEnv` (StepResult, autoreset
-with the true final observation, success at any step, raw and normalised rewards,
-`state_dict` / `episode_start_state_dict` for checkpoints), built on EnvPool 1.2.5's
-`MetaWorld/<Task>-v3` pools instead of Meta-World's Python environments.
+Same interface (`mtrl_ntk.envs.interface.MultiTaskEnvInterface`) as the Meta-World
+backend (StepResult, autoreset with the true final observation, success at any step,
+raw and normalised rewards, `state_dict` / `episode_start_state_dict` for checkpoints),
+built on EnvPool 1.2.5's `MetaWorld/<Task>-v3` pools instead of Meta-World's Python
+environments.
 
 What EnvPool's Meta-World is, found by reading envpool 1.2.5 and by experiment
 (README, "Environment backends", has the protocol-by-protocol table):
@@ -56,13 +57,10 @@ from typing import Any
 import numpy as np
 
 from mtrl_ntk.envs.episodes import StepResult
-from mtrl_ntk.envs.metaworld_env import (
-    EnvWorkerError,
-    MultiTaskEnvBase,
-    VectorStrategy,
-    _evaluation_seed,
-)
+from mtrl_ntk.envs.interface import MultiTaskEnvBase, evaluation_seed
 from mtrl_ntk.envs.protocols import Protocol
+from mtrl_ntk.envs.spec import VectorStrategy
+from mtrl_ntk.errors import EnvWorkerError
 
 ENVPOOL_VERSION = "1.2.5"
 """The EnvPool release whose Meta-World this module was checked against (pinned in the locks)."""
@@ -103,7 +101,8 @@ def _goal_seed(seed: int, task_index: int, goal: int) -> int:
     return int(state[0] & 0x7FFFFFFF)
 
 
-def _task_id(task_name: str) -> str:
+def task_id(task_name: str) -> str:
+    """EnvPool's id of a Meta-World task (`MetaWorld/<Task>-v3`)."""
     from envpool.mujoco.metaworld.registration import metaworld_task_id
 
     return metaworld_task_id(task_name)
@@ -118,23 +117,23 @@ class EnvPoolMultiTaskEnv(MultiTaskEnvBase):
 
     backend = "envpool"
 
-    def _check_backend_serves(self, protocol: Protocol) -> None:
-        unavailable = envpool_unavailable_reason()
-        if unavailable is not None:
-            raise RuntimeError(f"env.backend=envpool: {unavailable}")
-        reason = protocol_unsupported_reason(protocol)
-        if reason is not None:
-            raise ValueError(f"env.backend=envpool cannot serve protocol={protocol.name}: {reason}")
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return envpool_unavailable_reason()
+
+    @classmethod
+    def unsupported_reason(cls, protocol: Protocol) -> str | None:
+        return protocol_unsupported_reason(protocol)
 
     def _open(self, vector_strategy: VectorStrategy) -> None:
         self.obs_dim = _OBS_DIM
         self.action_dim = _ACTION_DIM
         self.action_low = -np.ones(_ACTION_DIM, dtype=np.float32)
         self.action_high = np.ones(_ACTION_DIM, dtype=np.float32)
-        self._task_ids = [_task_id(name) for name in self.task_names]
+        self._task_ids = [task_id(name) for name in self.task_names]
         self._base_path: str | None = None  # None: EnvPool's installed assets
 
-        order_seed = _evaluation_seed(self.seed) if self.for_evaluation else self.seed
+        order_seed = evaluation_seed(self.seed) if self.for_evaluation else self.seed
         self._order_rngs = [
             np.random.default_rng(np.random.SeedSequence([order_seed, _ORDER_STREAM, task]))
             for task in range(self.num_tasks)

@@ -27,7 +27,7 @@ children both import the main script again (`run_mt10.py` imports torch: 1.5 s a
 peak of 270 MB per worker). A worker imports only `mtrl_ntk.envs` (numpy, gymnasium,
 Meta-World: 0.5 s and 80 MB; a worker answers about 0.9 s after its start). It
 starts with SIGINT, SIGTERM and SIGUSR2 blocked, as Meta-World's async workers do
-(`_stop_signals_blocked`; the mask survives exec): the trainer decides when to stop.
+(`stop_signals_blocked`; the mask survives exec): the trainer decides when to stop.
 A worker ends when the pool closes, or when its pipe reaches end-of-file because the
 main process died.
 
@@ -53,16 +53,11 @@ from typing import Any
 
 import numpy as np
 
+from mtrl_ntk.envs.backends import make_multitask_env
 from mtrl_ntk.envs.episodes import StepResult
-from mtrl_ntk.envs.metaworld_env import (
-    EnvWorkerError,
-    MultiTaskEnvBase,
-    VectorStrategy,
-    _stop_signals_blocked,
-    checked_actions,
-    make_multitask_env,
-)
-from mtrl_ntk.envs.protocols import Protocol
+from mtrl_ntk.envs.interface import MultiTaskEnvInterface, checked_actions, stop_signals_blocked
+from mtrl_ntk.envs.spec import EnvSpec
+from mtrl_ntk.errors import EnvWorkerError
 
 # How often a wait for a reply checks that the worker is alive.
 _POLL_SECONDS = 0.1
@@ -93,7 +88,7 @@ class _Worker:
 
     def __init__(self) -> None:
         self.connection, child_end = Pipe()
-        with _stop_signals_blocked():  # the worker inherits the blocked mask through exec
+        with stop_signals_blocked():  # the worker inherits the blocked mask through exec
             self.process = subprocess.Popen(
                 [sys.executable, "-c", _WORKER_CODE, str(child_end.fileno())],
                 pass_fds=[child_end.fileno()], stdin=subprocess.DEVNULL,
@@ -193,31 +188,18 @@ class EnvWorkerPool:
         """The workers' process ids, worker 0 first."""
         return [worker.process.pid for worker in self._workers]
 
-    def make_env(
-        self,
-        backend: str,
-        benchmark: str,
-        protocol: Protocol,
-        seed: int,
-        vector_strategy: VectorStrategy = "sync",
-        max_episode_steps: int | None = None,
-        *,
-        for_evaluation: bool = False,
-    ) -> EnvProxy:
-        """`make_multitask_env(...)` with these arguments, built in the next worker in turn.
-
-        `vector_strategy` defaults to "sync": the worker is the env's process; "async"
-        would fork T more processes from it.
-        """
+    def make_env(self, spec: EnvSpec) -> EnvProxy:
+        """`make_multitask_env(spec.in_process())`, built in the next worker in turn: the
+        worker is the env's process ("async" would fork T more processes from it)."""
         if not self._workers or self._workers[0].closed:
             raise RuntimeError("EnvWorkerPool is closed")
         worker = self._workers[self._made % len(self._workers)]
         env_id = self._made
         self._made += 1
-        arguments = (backend, benchmark, protocol, seed, vector_strategy, max_episode_steps,
-                     for_evaluation)
-        static = worker.call((env_id, "make", arguments), f"construction of seed {seed}'s env")
-        worker.seeds.append(seed)
+        static = worker.call(
+            (env_id, "make", (spec.in_process(),)), f"construction of seed {spec.seed}'s env"
+        )
+        worker.seeds.append(spec.seed)
         return EnvProxy(worker, env_id, static)
 
     def close(self) -> None:
@@ -240,8 +222,8 @@ class EnvWorkerPool:
         self.close()
 
 
-class EnvProxy:
-    """A multi-task env living in an `EnvWorkerPool` worker, with `MultiTaskEnvBase`'s interface.
+class EnvProxy(MultiTaskEnvInterface):
+    """A multi-task env living in an `EnvWorkerPool` worker: a `MultiTaskEnvInterface`.
 
     The attributes fixed at construction (`_STATIC_ATTRIBUTES`) are read locally; every
     other call is one request to the worker and waits for its reply, except
@@ -250,19 +232,6 @@ class EnvProxy:
     `reset()`, is raised there). Calls made while a step is in flight are answered
     after it, in order.
     """
-
-    backend: str
-    benchmark: str
-    protocol: Protocol
-    seed: int
-    max_episode_steps: int
-    for_evaluation: bool
-    task_names: list[str]
-    num_tasks: int
-    obs_dim: int
-    action_dim: int
-    action_low: np.ndarray  # [A]
-    action_high: np.ndarray  # [A]
 
     def __init__(self, worker: _Worker, env_id: int, static: dict[str, Any]) -> None:
         self._worker = worker
@@ -285,7 +254,7 @@ class EnvProxy:
             raise RuntimeError("MultiTaskEnv is closed")
 
     def reset(self) -> np.ndarray:
-        """See `MultiTaskEnvBase.reset`."""
+        """See `MultiTaskEnvInterface.reset`."""
         if self._step_request is not None:
             raise RuntimeError("MultiTaskEnv.reset called between step_async() and step_wait()")
         return self._call("reset")
@@ -374,7 +343,7 @@ def _portable(error: Exception) -> Exception:
 def _serve(fd: int) -> None:
     """A worker's loop: handle the requests on the pipe `fd` until told to exit or EOF."""
     connection = Connection(fd)
-    envs: dict[int, MultiTaskEnvBase] = {}
+    envs: dict[int, MultiTaskEnvInterface] = {}
     try:
         while True:
             try:
@@ -386,8 +355,8 @@ def _serve(fd: int) -> None:
             env_id, method, args = request
             try:
                 if method == "make":
-                    backend, *arguments, for_evaluation = args
-                    env = make_multitask_env(backend, *arguments, for_evaluation=for_evaluation)
+                    (spec,) = args
+                    env = make_multitask_env(spec)
                     envs[env_id] = env
                     value = {name: getattr(env, name) for name in _STATIC_ATTRIBUTES}
                 elif args is None:

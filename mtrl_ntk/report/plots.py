@@ -24,7 +24,7 @@ import io
 import numpy as np
 
 from mtrl_ntk.report.aggregate import METRICS, Aggregates
-from mtrl_ntk.report.runs import SUCCESS_MEAN_KEY, Run, _is_number
+from mtrl_ntk.report.runs import SUCCESS_MEAN_KEY, Run, is_number
 from mtrl_ntk.report.statistics import MethodSummary, aligned_curve
 
 NETWORKS = ("critic", "actor")
@@ -146,7 +146,7 @@ def _logged_tasks(runs: list[Run], prefix: str) -> list[str]:
 def _weights_vary(runs: list[Run]) -> bool:
     values = [
         value for run in runs for row in run.evaluations for key, value in row.items()
-        if "/weight/" in key and key.startswith("combiner/") and _is_number(value)
+        if "/weight/" in key and key.startswith("combiner/") and is_number(value)
     ]
     return bool(values) and max(values) - min(values) > 1e-9
 

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import yaml
 
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-RESULT_FILE = "result.json"
+from mtrl_ntk.rundir import CONFIG_FILE, METRICS_FILE, RESULT_FILE
+
 SUCCESS_MEAN_KEY = "eval/success_mean"
 TASK_SUCCESS_PREFIX = "eval/success/"
 
@@ -81,23 +80,23 @@ def task_success(row: dict) -> dict[str, float]:
     return {
         key[len(TASK_SUCCESS_PREFIX):]: float(value)
         for key, value in row.items()
-        if key.startswith(TASK_SUCCESS_PREFIX) and _is_number(value)
+        if key.startswith(TASK_SUCCESS_PREFIX) and is_number(value)
     }
 
 
 def success_mean(row: dict) -> float:
     """eval/success_mean, or the mean of the per-task values when the row lacks it."""
-    if _is_number(row.get(SUCCESS_MEAN_KEY)):
+    if is_number(row.get(SUCCESS_MEAN_KEY)):
         return float(row[SUCCESS_MEAN_KEY])
     return statistics.fmean(task_success(row).values())
 
 
-def _is_number(value: object) -> bool:
+def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_evaluation(row: dict) -> bool:
-    return _is_number(row.get(SUCCESS_MEAN_KEY)) or bool(task_success(row))
+    return is_number(row.get(SUCCESS_MEAN_KEY)) or bool(task_success(row))
 
 
 def _lookup(config: dict, dotted: str) -> object:
@@ -157,13 +156,13 @@ def read_metrics(path: Path) -> tuple[list[dict] | None, str | None]:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             return None, f"{path.name} line {number} is not valid JSON ({error.msg})"
-        if not isinstance(row, dict) or not _is_number(row.get("step")):
+        if not isinstance(row, dict) or not is_number(row.get("step")):
             return None, f"{path.name} line {number} is not an object with a numeric 'step'"
         rows.append(row)
     if being_written.strip():
         try:
             row = json.loads(being_written)
-            if isinstance(row, dict) and _is_number(row.get("step")):
+            if isinstance(row, dict) and is_number(row.get("step")):
                 rows.append(row)
         except json.JSONDecodeError:
             pass
@@ -227,7 +226,7 @@ def load_run(directory: Path) -> tuple[Run | None, list[Skipped]]:
         combiner=combiner,
         arch=arch,
         seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
-        num_steps=num_steps if _is_number(num_steps) else None,
+        num_steps=num_steps if is_number(num_steps) else None,
         evaluations=evaluations,
         finished=finished,
         result_status=result_status,

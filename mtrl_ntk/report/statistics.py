@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mtrl_ntk.report.runs import Run, _is_number, success_mean, task_success
+from mtrl_ntk.report.runs import Run, is_number, success_mean, task_success
 
 FINAL_CHOICES = ("last", "mean-last-k", "best")
 
@@ -258,7 +258,7 @@ def aligned_curve(runs: list[Run], key: str) -> tuple[np.ndarray, ...]:
     """
     series = []
     for run in runs:
-        points = [(row["step"], row[key]) for row in run.evaluations if _is_number(row.get(key))]
+        points = [(row["step"], row[key]) for row in run.evaluations if is_number(row.get(key))]
         if points:
             series.append(np.asarray(points, dtype=np.float64))  # [E, 2]
     if not series:

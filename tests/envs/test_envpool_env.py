@@ -20,6 +20,7 @@ from mtrl_ntk.config import ConfigError, build_run_spec  # noqa: E402
 from mtrl_ntk.envs import (  # noqa: E402
     BENCHMARK_TASKS,
     PROTOCOLS,
+    EnvSpec,
     EnvWorkerError,
     evaluate,
     make_multitask_env,
@@ -35,7 +36,7 @@ OBJECT_AND_GOAL = np.r_[4:7, 36:39]  # first object's position, goal position
 
 def envpool_env(protocol=MWPLUS, horizon: int = 5, **kwargs) -> EnvPoolMultiTaskEnv:
     return make_multitask_env(  # type: ignore[return-value]
-        "envpool", "mt10", protocol, 0, "sync", horizon, **kwargs
+        EnvSpec("envpool", "mt10", protocol, 0, "sync", horizon, **kwargs)
     )
 
 
@@ -117,7 +118,7 @@ def test_a_protocol_goal_set_is_fixed_by_the_seed_and_sampled_per_episode() -> N
         assert len(distinct) == 2, MT10[task]  # 12 episodes visit both goals, never a third
     with envpool_env(two_goals, horizon=1) as same_seed:
         np.testing.assert_array_equal(same_seed.reset(), starts[0])
-    with make_multitask_env("envpool", "mt10", two_goals, 1, "sync", 1) as other_seed:
+    with make_multitask_env(EnvSpec("envpool", "mt10", two_goals, 1, "sync", 1)) as other_seed:
         assert not np.array_equal(other_seed.reset()[:, GOAL], goals[0])
     one_goal = dataclasses.replace(MWPLUS, num_goals=1)
     with envpool_env(one_goal, horizon=2) as env:
@@ -226,7 +227,7 @@ def test_checkpoint_state_resumes_the_same_goals_and_trajectory() -> None:
             np.testing.assert_array_equal(result.next_obs, expected.next_obs)
             np.testing.assert_array_equal(result.raw_reward, expected.raw_reward)
     with (
-        make_multitask_env("metaworld", "mt10", MWPLUS, 0, "sync", 4) as metaworld_env,
+        make_multitask_env(EnvSpec("metaworld", "mt10", MWPLUS, 0, "sync", 4)) as metaworld_env,
         pytest.raises(ValueError, match="saved by env.backend=envpool"),
     ):
         metaworld_env.load_state_dict(state)
@@ -296,11 +297,11 @@ OBS_ATOL, REWARD_ATOL = 2e-2, 0.1
 def test_same_goal_and_actions_give_the_same_observations_and_rewards(task: str) -> None:
     import envpool
 
-    from mtrl_ntk.envs.envpool_env import _task_id
+    from mtrl_ntk.envs.envpool_env import task_id
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pool = envpool.make_gymnasium(_task_id(task), num_envs=1, num_threads=1, seed=3,
+        pool = envpool.make_gymnasium(task_id(task), num_envs=1, num_threads=1, seed=3,
                                       partially_observable=False, max_episode_steps=500)
         start = pool.reset()[0][0]
         metaworld_env = _metaworld_task(task)

@@ -29,7 +29,7 @@ def test_envs_built_from_reused_models_step_exactly_as_freshly_parsed_ones(
 ) -> None:
     original = vars(mujoco.MjModel)["from_xml_path"]
     with monkeypatch.context() as patch:
-        patch.setattr(metaworld_env, "_parsed_models_reused", contextlib.nullcontext)
+        patch.setattr(metaworld_env, "parsed_models_reused", contextlib.nullcontext)
         reference = make_env()
     first, second = make_env(), make_env()  # the second one copies every model from the cache
     assert vars(mujoco.MjModel)["from_xml_path"] is original  # the patch ends with the block
@@ -55,7 +55,7 @@ def test_envs_built_from_reused_models_step_exactly_as_freshly_parsed_ones(
 
 def test_the_patch_ends_when_building_fails() -> None:
     original = vars(mujoco.MjModel)["from_xml_path"]
-    with pytest.raises(ValueError, match="boom"), metaworld_env._parsed_models_reused():
+    with pytest.raises(ValueError, match="boom"), metaworld_env.parsed_models_reused():
         assert vars(mujoco.MjModel)["from_xml_path"] is not original
         raise ValueError("boom")
     assert vars(mujoco.MjModel)["from_xml_path"] is original

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import signal
 import subprocess
@@ -17,9 +18,11 @@ import pytest
 from mtrl_ntk.envs import (
     PROTOCOLS,
     EnvProxy,
+    EnvSpec,
     EnvWorkerError,
     EnvWorkerPool,
     MultiTaskEnv,
+    MultiTaskEnvInterface,
     StepResult,
 )
 from mtrl_ntk.envs import worker_pool as worker_pool_module
@@ -42,7 +45,9 @@ class Pair:
 def pair() -> Iterator[Pair]:
     with EnvWorkerPool(2) as pool:
         proxies = [
-            pool.make_env("metaworld", "mt10", CLASSIC, seed=seed, max_episode_steps=HORIZON)
+            pool.make_env(
+                EnvSpec("metaworld", "mt10", CLASSIC, seed=seed, max_episode_steps=HORIZON)
+            )
             for seed in SEEDS
         ]
         local = [
@@ -69,8 +74,13 @@ def assert_same_step(got: StepResult, expected: StepResult) -> None:
 
 
 def test_proxies_step_bit_for_bit_as_local_envs(pair: Pair) -> None:
-    public = {name for name in dir(pair.local[0]) if not name.startswith("_")}
+    env_class = type(pair.local[0])
+    public = {  # an env's own members (a backend's class methods build and describe it)
+        name for name in dir(pair.local[0]) if not name.startswith("_")
+        and not isinstance(inspect.getattr_static(env_class, name, None), classmethod)
+    }
     assert public <= set(dir(pair.proxies[0]))  # nothing of the env's interface is missing
+    assert isinstance(pair.proxies[0], MultiTaskEnvInterface)
     for proxy, env in zip(pair.proxies, pair.local, strict=True):
         for name in ("backend", "benchmark", "protocol", "seed", "max_episode_steps",
                      "task_names", "num_tasks", "obs_dim", "action_dim"):
@@ -142,7 +152,7 @@ def test_an_env_error_in_a_worker_is_raised_again_with_its_type_and_message(pair
     with pytest.raises(ValueError, match=r"actions have shape \(10, 3\)"):
         proxy.step_async(np.zeros((10, 3)))  # checked here, nothing sent
     with pytest.raises(ValueError, match="benchmark='mt11'"):
-        pair.pool.make_env("metaworld", "mt11", CLASSIC, seed=7)
+        pair.pool.make_env(EnvSpec("metaworld", "mt11", CLASSIC, seed=7))
     assert proxy.reset().shape == (10, 39)  # the worker serves on
 
 
@@ -158,7 +168,7 @@ def test_workers_ignore_stop_signals_and_do_not_load_torch(pair: Pair) -> None:
 
 def test_a_killed_worker_raises_env_worker_error_naming_it_not_a_hang() -> None:
     with EnvWorkerPool(1) as pool:
-        envs = [pool.make_env("metaworld", "mt10", CLASSIC, seed=seed, max_episode_steps=5)
+        envs = [pool.make_env(EnvSpec("metaworld", "mt10", CLASSIC, seed=seed, max_episode_steps=5))
                 for seed in (3, 4)]
         for env in envs:
             env.reset()
@@ -181,7 +191,7 @@ def test_close_is_idempotent_kills_a_stuck_worker_and_leaves_no_process(
 ) -> None:
     monkeypatch.setattr(worker_pool_module, "_CLOSE_WAIT_SECONDS", 0.5)
     pool = EnvWorkerPool(2)
-    env = pool.make_env("metaworld", "mt10", CLASSIC, seed=5, max_episode_steps=5)
+    env = pool.make_env(EnvSpec("metaworld", "mt10", CLASSIC, seed=5, max_episode_steps=5))
     env.reset()
     env.step_async(np.zeros((10, 4)))
     os.kill(pool.pids[1], signal.SIGSTOP)  # a worker that never answers the close
@@ -194,7 +204,7 @@ def test_close_is_idempotent_kills_a_stuck_worker_and_leaves_no_process(
     with pytest.raises(RuntimeError, match="MultiTaskEnv is closed"):
         env.reset()
     with pytest.raises(RuntimeError, match="EnvWorkerPool is closed"):
-        pool.make_env("metaworld", "mt10", CLASSIC, seed=5)
+        pool.make_env(EnvSpec("metaworld", "mt10", CLASSIC, seed=5))
 
 
 def test_workers_end_when_the_main_process_dies() -> None:

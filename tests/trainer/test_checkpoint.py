@@ -25,8 +25,6 @@ from mtrl_ntk.checkpoint import (
     CheckpointError,
     CheckpointManager,
     Segment,
-    config_differences,
-    truncate_metrics,
     write_atomically,
 )
 from mtrl_ntk.combiners import make_combiner
@@ -34,6 +32,8 @@ from mtrl_ntk.envs import PROTOCOLS, EnvWorkerError, MultiTaskEnv
 from mtrl_ntk.faults import NonFiniteUpdates, UpdateGuard, poison_batch
 from mtrl_ntk.replay import MultiTaskReplayBuffer
 from mtrl_ntk.rng import capture_global_rng, restore_global_rng
+from mtrl_ntk.rundir import truncate_metrics
+from mtrl_ntk.trainer.resume import config_differences
 from tests.trainer.test_run_mt10 import REPOSITORY
 
 TASKS, OBS, ACTION = 3, 5, 2
@@ -359,8 +359,13 @@ def test_a_killed_worker_stops_the_env_naming_its_task_and_stop_signals_spare_wo
 
 
 def test_the_checkpoint_module_does_not_import_the_trainer() -> None:
-    """checkpoint.py writes and reads files; the trainer composes the state it stores."""
-    probe = "import sys, mtrl_ntk.checkpoint; print('mtrl_ntk.train' in sys.modules)"
+    """checkpoint.py writes and reads files; the trainer composes the state it stores.
+    Nothing above replay, atomic and errors comes in with it (not the agent either)."""
+    probe = (
+        "import sys, mtrl_ntk.checkpoint; "
+        "above = ('mtrl_ntk.trainer', 'mtrl_ntk.agent'); "
+        "print(any(name.startswith(above) for name in sys.modules))"
+    )
     completed = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True,
         env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
@@ -392,7 +397,8 @@ def test_trainer_state_dict_round_trips_through_load_state_dict(tmp_path: Path) 
     loaded from it reports the same state, and its reset returns the observation the
     checkpoint saw."""
     from mtrl_ntk.config import build_run_spec
-    from mtrl_ntk.train import Trainer, seed_everything
+    from mtrl_ntk.rng import seed_everything
+    from mtrl_ntk.trainer import SeedRun, TrainingLoop
     from tests.trainer.test_configs import composed
 
     spec = build_run_spec(composed(
@@ -400,9 +406,9 @@ def test_trainer_state_dict_round_trips_through_load_state_dict(tmp_path: Path) 
         "train.checkpoint_every=150", "train.log_every=40",
     ))
     seed_everything(spec.seed)
-    trainer = Trainer(spec, tmp_path)
+    trainer = SeedRun(spec, tmp_path)
     try:
-        trainer.run()
+        TrainingLoop([trainer], resume_hint="").run()
     finally:
         trainer.close()
     checkpoint = CheckpointManager(tmp_path).latest()
@@ -412,7 +418,7 @@ def test_trainer_state_dict_round_trips_through_load_state_dict(tmp_path: Path) 
     assert saved["log_window"]["count"] == 30 and saved["eval_window"]["count"] == 50
     assert saved["episodes"]["episodes"].sum() > 0 and saved["evaluator_env"] is not None
 
-    restored = Trainer(spec, tmp_path, checkpoint=checkpoint)
+    restored = SeedRun(spec, tmp_path, checkpoint=checkpoint)
     try:
         assert restored.env is not None
         rng_after_load = capture_global_rng()

@@ -10,7 +10,7 @@ from mtrl_ntk.agent.sac import _combiner_metrics
 from mtrl_ntk.combiners.base import CombinerOutput
 from mtrl_ntk.engine import EngineResult
 from mtrl_ntk.envs import StepResult
-from mtrl_ntk.train import EpisodeStats, MetricAccumulator, metric_scalars
+from mtrl_ntk.trainer.metrics import EpisodeStats, MetricAccumulator, metric_scalars
 
 TASKS = ["reach-v3", "push-v3", "pick-place-v3"]
 

@@ -1,4 +1,4 @@
-"""``seed=A..B`` trains the seeds side by side in one process (mtrl_ntk/seed_group.py).
+"""``seed=A..B`` trains the seeds side by side in one process (mtrl_ntk/trainer/).
 
 Every run is ``run_mt10.py`` in a subprocess, as a user types it, on the smoke preset
 shrunk to a few dozen steps (all ten MT10 tasks, real Meta-World and Hydra). Each
@@ -115,13 +115,51 @@ def test_each_seed_of_a_group_writes_the_run_directory_of_a_single_run(
     ]
 
 
+@pytest.fixture(scope="module")
+def seed_one_alone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """seed=1 with ntkmtl: a single run."""
+    runs_dir = tmp_path_factory.mktemp("alone")
+    completed = run_group(runs_dir, "combiner=ntkmtl", "seed=1")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return seed_dir(runs_dir, 1, "ntkmtl")
+
+
+def written_files(run_dir: Path) -> list[str]:
+    """The run directory's files, TensorBoard event files by their folder only (their names
+    hold the time and the host)."""
+    return sorted(
+        str(path.parent.relative_to(run_dir)) + "/<events>" if "tfevents" in path.name
+        else str(path.relative_to(run_dir))
+        for path in run_dir.rglob("*") if path.is_file() and ".hydra" not in path.parts
+    )
+
+
+@pytest.mark.slow
+def test_a_single_run_and_a_row_of_one_seed_write_the_same_files(
+    seed_one_alone: Path, tmp_path: Path
+) -> None:
+    completed = run_group(tmp_path, "combiner=ntkmtl", "seed=1..1")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "side by side" not in completed.stderr  # one seed: no group
+    row = seed_dir(tmp_path, 1, "ntkmtl")
+    assert written_files(row) == written_files(seed_one_alone)
+    assert (row / "config.yaml").read_text() == (seed_one_alone / "config.yaml").read_text()
+    assert comparable(row) == comparable(seed_one_alone)  # the same computation, bit for bit
+    state, expected_state = checkpoint_state(row), checkpoint_state(seed_one_alone)
+    for key in ("agent", "env", "obs", "sample_generator", "warmup_rng", "log_window"):
+        assert max_difference(state[key], expected_state[key], key) == 0.0
+    result, expected = (json.loads((d / "result.json").read_text()) for d in (row, seed_one_alone))
+    assert result.keys() == expected.keys() and result["status"] == "finished"
+    assert {k: v for k, v in result.items() if "second" not in k} == {
+        k: v for k, v in expected.items() if "second" not in k
+    }
+
+
 @pytest.mark.slow
 def test_a_seed_trained_in_a_group_is_the_seed_trained_alone(
-    group_of_three: Path, tmp_path: Path
+    group_of_three: Path, seed_one_alone: Path
 ) -> None:
-    completed = run_group(tmp_path, "combiner=ntkmtl", "seed=1")
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    alone, grouped = seed_dir(tmp_path, 1, "ntkmtl"), seed_dir(group_of_three, 1, "ntkmtl")
+    alone, grouped = seed_one_alone, seed_dir(group_of_three, 1, "ntkmtl")
     alone_state, grouped_state = checkpoint_state(alone), checkpoint_state(grouped)
     assert alone_state["step"] == grouped_state["step"] == 60
     # The goals (every task's goal sampler), the replay sampler and the warm-up generator
@@ -252,3 +290,30 @@ def test_a_non_finite_update_is_skipped_and_reported_for_each_seed_it_hit(tmp_pa
         ), completed.stderr[-3000:]
         result = json.loads((seed_dir(tmp_path, seed) / "result.json").read_text())
         assert result["skipped_updates"] == 1
+
+
+@pytest.mark.slow
+def test_a_seed_whose_updates_stay_non_finite_stops_alone_and_the_others_carry_on(
+    tmp_path: Path,
+) -> None:
+    """Seed 1's updates are NaN from step 25 on: it stops at the next check (the log of
+    step 30) with its checkpoint of step 20 and the reason in its run directory; seed 0
+    trains to the end; the job then reports the stop (exit status 1)."""
+    completed = run_group(
+        tmp_path, "seed=0..1", "train.log_every=10", "debug.nan_at_step=25",
+        "debug.nan_steps=1000", "debug.nan_seed=1", "train.max_consecutive_skips=3",
+    )
+    assert completed.returncode == 1, completed.stderr[-3000:]
+    assert "seed 1: stopped at step 30: 6 consecutive updates" in completed.stderr
+    assert "seeds 0 carry on" in completed.stderr
+    stopped = json.loads((seed_dir(tmp_path, 1) / "result.json").read_text())
+    assert stopped["status"] == "stopped" and stopped["step"] == 30
+    assert "seed 1: stopped at step 30" in stopped["reason"]
+    assert stopped["last_checkpoint"] == f"step-{20:012d}.pt"
+    latest = CheckpointManager(seed_dir(tmp_path, 1)).latest()
+    assert latest is not None and latest.step == 20
+    assert [row["step"] for row in read_metrics(seed_dir(tmp_path, 1))] == [20]
+    finished = json.loads((seed_dir(tmp_path, 0) / "result.json").read_text())
+    assert finished["status"] == "finished" and finished["step"] == 60
+    assert finished["skipped_updates"] == 0
+    assert [row["step"] for row in read_metrics(seed_dir(tmp_path, 0))] == EVALUATION_STEPS

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import inspect
 
-from mtrl_ntk import train
-from mtrl_ntk.train import derive_seeds
+from mtrl_ntk.rng import derive_seeds
+from mtrl_ntk.trainer import SeedRun
 
 
 def test_derived_seeds_are_distinct_deterministic_and_fit_a_torch_generator() -> None:
@@ -16,7 +16,7 @@ def test_derived_seeds_are_distinct_deterministic_and_fit_a_torch_generator() ->
 
 
 def test_the_trainer_seeds_each_generator_with_its_own_stream() -> None:
-    source = inspect.getsource(train.Trainer._build)
+    source = inspect.getsource(SeedRun._build)
     assert "noise_seed, sample_seed, warmup_seed = derive_seeds(spec.seed, 3)" in source
     assert "seed=noise_seed" in source
     assert "manual_seed(sample_seed)" in source and "default_rng(warmup_seed)" in source
