@@ -15,7 +15,8 @@ Steps, each checked from the host (any failure exits with status 1 and says whic
    with the CPU lock (``--build-arg REQUIREMENTS=requirements.lock``) and a CPU build of
    torch 2.13.0 from pip's ``find-links`` (mounted into the build): the CUDA lock's wheels
    (~4 GB) make the default CUDA image impractical to build on every CI run. ``--cuda``
-   builds the users' default instead;
+   builds the users' default instead. Where the host's pip trusts a CA of its own (pip's
+   ``cert`` setting, e.g. a TLS-inspecting proxy), that bundle is mounted for the build;
 3. ``experiment=smoke`` in a container as the image's non-root user, a host directory as the
    ``/runs`` volume: the run directory, ``result.json``, ``provenance.json`` with the commit,
    the TensorBoard files, files owned by the image's user and usable by the host's;
@@ -26,8 +27,9 @@ Steps, each checked from the host (any failure exits with status 1 and says whic
    every evaluation step logged once.
 
 podman runs rootful here with runtime ``runc`` when installed (``crun`` refuses hybrid
-cgroups v1/v2 hosts), the host's network (no bridge or slirp needed) and the host's own file
-limits (podman's defaults can exceed a machine's hard limits, and then nothing starts).
+cgroups v1/v2 hosts), the host's network (no bridge or slirp needed) and file and process
+limits of 1024 and 4096 within the host's hard limits (podman's defaults can exceed a machine's
+hard limits, and then nothing starts).
 """
 
 from __future__ import annotations
@@ -118,14 +120,14 @@ def podman() -> list[str]:
 
 
 def container_limits() -> list[str]:
-    """The host's own limits (within its hard limits by definition), not podman's defaults."""
+    """File and process limits within the host's hard limits (podman's defaults can exceed them,
+    and then runc cannot start a container: "error setting rlimits")."""
     options = []
-    for name, limit in (("nofile", resource.RLIMIT_NOFILE), ("nproc", resource.RLIMIT_NPROC)):
-        soft, hard = resource.getrlimit(limit)
-        cap = 1 << 20  # "unlimited" is not accepted by every runtime
-        soft = cap if soft == resource.RLIM_INFINITY else min(soft, cap)
-        hard = cap if hard == resource.RLIM_INFINITY else min(hard, cap)
-        options += ["--ulimit", f"{name}={soft}:{hard}"]
+    for name, limit, wanted in (("nofile", resource.RLIMIT_NOFILE, 1024),
+                                ("nproc", resource.RLIMIT_NPROC, 4096)):
+        hard = resource.getrlimit(limit)[1]
+        value = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        options += ["--ulimit", f"{name}={value}:{value}"]
     return options
 
 
@@ -173,15 +175,26 @@ def ensure_base() -> str:
     return "local stand-in (made now)"
 
 
-def pip_find_links() -> list[Path]:
-    """The find-links directories of the host's pip configuration (env and config files)."""
-    values = os.environ.get("PIP_FIND_LINKS", "").split()
+def pip_setting(name: str) -> list[str]:
+    """A setting of the host's pip configuration (environment, then config files)."""
+    values = os.environ.get(f"PIP_{name.upper().replace('-', '_')}", "").split()
     listed = run([sys.executable, "-m", "pip", "config", "list"], timeout=60).stdout
     for line in listed.splitlines():
         key, _, value = line.partition("=")
-        if key.endswith("find-links"):
+        if key.endswith(f".{name}"):
             values += value.strip("'\"").split()
-    return [Path(value.removeprefix("file://")) for value in values if value]
+    return [value.removeprefix("file://") for value in values if value]
+
+
+def pip_find_links() -> list[Path]:
+    return [Path(value) for value in pip_setting("find-links")]
+
+
+def host_ca_bundle() -> Path | None:
+    """The CA bundle the host's pip is told to trust (``cert``: a TLS-inspecting proxy's CA),
+    which the build's pip then needs as well."""
+    bundles = [Path(value) for value in pip_setting("cert") if Path(value).is_file()]
+    return bundles[0] if bundles else None
 
 
 def torch_cpu_wheels() -> Path | None:
@@ -213,6 +226,9 @@ def build(image: str, commit: str, cuda: bool) -> None:
         else:
             arguments += ["--build-arg",
                           "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu"]
+    bundle = host_ca_bundle()
+    if bundle is not None:  # Debian's pip (the stand-in's) trusts the system bundle
+        arguments += ["--volume", f"{bundle}:/etc/ssl/certs/ca-certificates.crt:ro"]
     command = [*podman(), "build", "--pull=never", "--network", "host", *container_limits(),
                *arguments, "--tag", image, "--file", str(ROOT / "Dockerfile"), str(ROOT)]
     log("+ " + " ".join(command))
@@ -238,7 +254,8 @@ def run_in_image(image: str, runs_dir: Path, arguments: Sequence[str], timeout: 
 
 
 def read_steps(run_dir: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines]
 
 
 def check_run_dir(run_dir: Path, commit: str) -> dict:
@@ -273,32 +290,34 @@ def prepare_runs_dir(runs_dir: Path) -> None:
         os.chown(runs_dir, IMAGE_UID, IMAGE_UID)
 
 
-def check(image: str, runs_dir: Path, commit: str) -> dict[str, object]:
-    """Steps 3-6 of the module docstring; returns the numbers the report prints."""
+def check(image: str, runs_dir: Path, commit: str, summary: dict[str, object]) -> None:
+    """Steps 3-6 of the module docstring; the numbers go to ``summary``."""
     prepare_runs_dir(runs_dir)
-    summary: dict[str, object] = {}
     started = time.monotonic()
     first = run_in_image(image, runs_dir, [*SMOKE, "combiner=ls", "seed=0"], timeout=900)
     summary["smoke_run_s"] = round(time.monotonic() - started, 1)
     require(first.returncode == 0, f"experiment=smoke failed in the image:\n{first.stderr[-4000:]}")
     run_dir = runs_dir / "smoke" / "ls" / "seed0"
     result = check_run_dir(run_dir, commit)
-    summary["smoke_result"] = {key: result[key] for key in sorted(result) if key.startswith("eval/")}
+    summary["smoke_result"] = {key: value for key, value in sorted(result.items())
+                               if key.startswith("eval/success")}
 
-    report = run_in_image(image, runs_dir, ["scripts/summarize.py", "/runs"], timeout=300,
-                          entrypoint="python")
+    report = run_in_image(image, runs_dir, ["scripts/summarize.py", "/runs", "--out",
+                                            "/runs/report"], timeout=300, entrypoint="python")
     require(report.returncode == 0, f"summarize.py failed in the image:\n{report.stderr[-3000:]}")
-    require("ls" in report.stdout and "smoke" in report.stdout,
-            f"the report does not list the run:\n{report.stdout}")
-    summary["report"] = report.stdout
+    table = runs_dir / "report" / "summary.md"
+    require(table.exists() and "| ls / " in table.read_text(),
+            f"the report made in the image does not list the run:\n{report.stderr[-3000:]}")
+    summary["report"] = table.read_text()
 
     again = run_in_image(image, runs_dir, [*SMOKE, "combiner=ls", "seed=0"], timeout=300)
     require(again.returncode == 0 and "already holds a finished run: skipped" in again.stderr,
             f"the second identical run did not skip the finished one:\n{again.stderr[-3000:]}")
     require(read_steps(run_dir) == EVALUATION_STEPS, "the skipped run changed metrics.jsonl")
 
+    started = time.monotonic()
     summary["sigterm"] = sigterm_then_resume(image, runs_dir, commit)
-    return summary
+    summary["sigterm_and_resume_s"] = round(time.monotonic() - started, 1)
 
 
 def sigterm_then_resume(image: str, runs_dir: Path, commit: str) -> str:
@@ -367,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.build_only:
             with tempfile.TemporaryDirectory(prefix="mtrl-ntk-runs-") as temporary:
                 runs_dir = (args.runs_dir or Path(temporary) / "runs").resolve()
-                summary.update(check(args.image, runs_dir, commit))
+                check(args.image, runs_dir, commit, summary)
     except (CheckFailed, subprocess.TimeoutExpired) as error:
         log(f"FAILED: {error}")
         return 1

@@ -41,8 +41,8 @@ DAEMONS = ["munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd"]  # start ord
 
 
 def missing_programs() -> list[str]:
-    programs = ["munged", "munge", "mariadbd", "mariadb-install-db", "slurmdbd", "slurmctld", "slurmd",
-                "sbatch", "sacct", "sacctmgr"]
+    programs = ["munged", "munge", "mariadbd", "mariadb-install-db", "slurmdbd", "slurmctld",
+                "slurmd", "sbatch", "sacct", "sacctmgr"]
     return [program for program in programs if shutil.which(program) is None]
 
 
@@ -240,7 +240,13 @@ StorageLoc=slurm_acct_db
         return self
 
     def stop(self) -> None:
-        """SIGTERM to every daemon, newest first; SIGKILL to one that does not end in 30 s."""
+        """Cancel every job (a job's processes outlive slurmd), then SIGTERM to every daemon,
+        newest first; SIGKILL to one that does not end in 30 s."""
+        if any(p.poll() is None for p in self.processes) and self.conf.exists():
+            self._run("scancel", "--full", f"--partition={PARTITION}")
+            deadline = time.monotonic() + KILL_WAIT_S + 30
+            while self._run("squeue", "-h").stdout.strip() and time.monotonic() < deadline:
+                time.sleep(1)
         for process in reversed(self.processes):
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
