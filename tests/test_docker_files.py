@@ -1,6 +1,7 @@
 """The reproducible environment: Dockerfile, .dockerignore and the pinned dependency locks.
 
-No Docker engine runs in CI, so these tests check what can be checked without one: the
+These tests check what can be checked without a container engine (the image itself is built
+with podman and trained in by tests/system/test_image.py, marker "system"): the
 Dockerfile lints clean, installs the locked pins and honours the project's environment
 variables; the build context keeps run outputs and virtual environments out; the locks pin
 every package exactly, agree with requirements.in and with each other, and are closed

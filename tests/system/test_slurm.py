@@ -88,11 +88,31 @@ def states(cluster: LocalSlurm, jobs: list[str]) -> dict[str, list[str]]:
     return found
 
 
-def wait_for_jobs_to_end(cluster: LocalSlurm, timeout: float = 600) -> None:
+def wait_for_jobs_to_end(cluster: LocalSlurm, runs: Path, timeout: float = 600) -> None:
+    """Until no job is queued and accounting (slurmdbd, updated asynchronously) agrees."""
     deadline = time.monotonic() + timeout
-    while cluster._run("squeue", "-h").stdout.strip():
+    running = {"PENDING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD"}
+    while (cluster._run("squeue", "-h").stdout.strip()
+           or any(history[-1].split()[0] in running
+                  for history in states(cluster, job_ids(runs)).values())):
         assert time.monotonic() < deadline, cluster._run("squeue").stdout
         time.sleep(1)
+
+
+def release_when_held(cluster: LocalSlurm, job: str, timeout: float = 300) -> None:
+    """SLURM holds a requeued job (Reason=BeginTime) for a while before it may start again; a
+    test does not wait: once it is held, its start time becomes now."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        shown = cluster._run("scontrol", "show", "job", job).stdout
+        if "JobState=PENDING" in shown and "Reason=BeginTime" in shown:
+            done = cluster._run("scontrol", "update", f"JobId={job}", "StartTime=now")
+            assert done.returncode == 0, done.stderr
+            return
+        if "Restarts=1" in shown and "JobState=PENDING" not in shown:
+            return  # already running again
+        time.sleep(0.5)
+    raise AssertionError(f"{job} was not requeued:\n{shown}")
 
 
 def read_steps(run_dir: Path) -> list[int]:
@@ -124,6 +144,7 @@ def test_a_job_array_sweep_runs_through_sbatch_into_the_local_sweeps_directories
     runs = tmp_path / "runs"
     done = submit(cluster, runs, "seed_group=false")  # one job per combiner and seed
     assert done.returncode == 0, done.stderr[-4000:] + cluster.logs()
+    wait_for_jobs_to_end(cluster, runs)  # submitit returns once a job wrote its result
     jobs = job_ids(runs)
     assert len(jobs) == 4 and len({job.split("_")[0] for job in jobs}) == 1  # one array
     assert all(history == ["COMPLETED 0:0"] for history in states(cluster, jobs).values())
@@ -153,7 +174,9 @@ def test_a_job_array_sweep_runs_through_sbatch_into_the_local_sweeps_directories
     report = subprocess.run([sys.executable, "scripts/summarize.py", str(runs)], cwd=ROOT,
                             capture_output=True, text=True, timeout=300, check=False)
     assert report.returncode == 0, report.stderr[-3000:]
-    assert all(combiner in report.stdout for combiner in COMBINERS)
+    assert "4 runs, 2 methods" in report.stdout + report.stderr
+    table = (runs / "report" / "summary.md").read_text()
+    assert all(f"| {combiner} / " in table for combiner in COMBINERS)
 
 
 @pytest.mark.slow
@@ -183,14 +206,17 @@ def test_a_preempted_and_a_warned_seed_group_checkpoint_and_the_resubmitted_swee
                 signalled[job] = command[0]
             time.sleep(0.1)
         assert len(signalled) == 2, "the jobs never reached their first evaluation"
+        requeued = next(job for job, command in signalled.items() if command == "scontrol")
+        release_when_held(cluster, requeued)
         _, stderr = sweep.communicate(timeout=900)
     finally:
         sweep.kill()
-    wait_for_jobs_to_end(cluster)
+    wait_for_jobs_to_end(cluster, runs)
     warned, requeued = job_ids(runs)
     history = states(cluster, [warned, requeued])
-    # The warned job checkpointed and stopped: FAILED with 128 + SIGUSR2, the hint in its log.
-    assert history[warned] == ["FAILED 140:0"], history
+    # The warned job checkpointed and stopped: FAILED (srun's exit code of a task that exited
+    # with 128 + SIGUSR2 is the signal's number, 12), the resume hint in its log.
+    assert history[warned] == ["FAILED 12:0"], history
     log = job_log(runs, warned)
     assert "interrupted by SIGUSR2" in log and "Resume with: " in log, log[-3000:]
     assert sweep.returncode != 0 and warned in stderr  # the sweep command names it
@@ -207,6 +233,7 @@ def test_a_preempted_and_a_warned_seed_group_checkpoint_and_the_resubmitted_swee
 
     again = submit(cluster, runs, "resume=true")
     assert again.returncode == 0, again.stderr[-4000:]
+    wait_for_jobs_to_end(cluster, runs)
     resubmitted = [job for job in job_ids(runs) if job not in (warned, requeued)]
     assert all(states(cluster, resubmitted)[job] == ["COMPLETED 0:0"] for job in resubmitted)
     assert "already holds a finished run: skipped" in job_log(runs, resubmitted[1])
