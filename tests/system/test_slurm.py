@@ -105,18 +105,19 @@ def wait_for_jobs_to_end(cluster: LocalSlurm, runs: Path, timeout: float = 600) 
 
 def release_when_held(cluster: LocalSlurm, job: str, timeout: float = 300) -> None:
     """SLURM holds a requeued job (Reason=BeginTime) for a while before it may start again; a
-    test does not wait: once it is held, its start time becomes now."""
+    test does not wait: while it is held, its start time becomes now (again: the hold is set
+    anew once the stopped run has ended)."""
     deadline = time.monotonic() + timeout
+    restarted = False
     while time.monotonic() < deadline:
         shown = cluster._run("scontrol", "show", "job", job).stdout
         if "JobState=PENDING" in shown and "Reason=BeginTime" in shown:
-            done = cluster._run("scontrol", "update", f"JobId={job}", "StartTime=now")
-            assert done.returncode == 0, done.stderr
-            return
-        if "Restarts=1" in shown and "JobState=PENDING" not in shown:
-            return  # already running again
-        time.sleep(0.5)
-    raise AssertionError(f"{job} was not requeued:\n{shown}")
+            cluster._run("scontrol", "update", f"JobId={job}", "StartTime=now")
+            restarted = True
+        elif restarted and "JobState=PENDING" not in shown:
+            return  # running again (or done)
+        time.sleep(1)
+    raise AssertionError(f"{job} was not requeued and started again:\n{shown}")
 
 
 def read_steps(run_dir: Path) -> list[int]:
