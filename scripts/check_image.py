@@ -107,7 +107,7 @@ def require(condition: bool, message: str) -> None:
         raise CheckFailed(message)
 
 
-def missing_tools(cuda: bool = False) -> list[str]:
+def missing_tools() -> list[str]:
     """The host programs the check needs and does not find (empty: it can run)."""
     tools = ["podman"] + ([] if podman_has_base() else ["debootstrap"])
     return [tool for tool in tools if shutil.which(tool) is None]

@@ -37,7 +37,6 @@ KILL_WAIT_S = 30  # SLURM's default: SIGTERM, then SIGKILL this much later
 DEBIAN_PACKAGES = ["slurm-wlm", "slurmdbd", "munge", "mariadb-server"]
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")  # munge's default, compiled into libmunge
 MUNGE_KEY = Path("/etc/munge/munge.key")
-DAEMONS = ["munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd"]  # start order
 
 
 def missing_programs() -> list[str]:
