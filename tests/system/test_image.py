@@ -26,6 +26,7 @@ _spec.loader.exec_module(check_image)
 MISSING = ", ".join(check_image.missing_tools())
 pytestmark = [
     pytest.mark.system,
+    pytest.mark.slow,
     pytest.mark.skipif(bool(MISSING), reason=f"podman image check: {MISSING} not installed "
                        "(Debian: apt-get install podman runc debootstrap)"),
     pytest.mark.skipif(os.geteuid() != 0, reason="the image check runs podman as root"),
