@@ -231,9 +231,18 @@ def build(image: str, commit: str, cuda: bool) -> None:
         arguments += ["--volume", f"{bundle}:/etc/ssl/certs/ca-certificates.crt:ro"]
     command = [*podman(), "build", "--pull=never", "--network", "host", *container_limits(),
                *arguments, "--tag", image, "--file", str(ROOT / "Dockerfile"), str(ROOT)]
+    previous = image_id(image)
     log("+ " + " ".join(command))
     done = subprocess.run(command, timeout=3600, check=False)
     require(done.returncode == 0, f"podman build failed (status {done.returncode})")
+    if previous and previous != image_id(image):  # the last check's image, now untagged
+        run(["podman", "image", "rm", previous], timeout=300)  # its shared layers stay
+
+
+def image_id(image: str) -> str:
+    """The image's id ("" when podman has none of that name)."""
+    found = run(["podman", "image", "inspect", "--format", "{{.Id}}", image], timeout=60)
+    return found.stdout.strip() if found.returncode == 0 else ""
 
 
 def container(image: str, runs_dir: Path, arguments: Sequence[str], *, entrypoint: str = "",
