@@ -47,8 +47,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/mtrl_ntk
 
 # The pinned dependencies get their own layer: it is rebuilt only when the lock changes.
-COPY requirements-cuda.lock ./
-RUN pip install --no-cache-dir -r requirements-cuda.lock
+# The default is the CUDA image. A CPU image (what CI builds: scripts/check_image.py) takes the
+# CPU lock and a CPU build of torch 2.13.0 from PyTorch's index or a local wheel directory:
+#   --build-arg REQUIREMENTS=requirements.lock \
+#   --build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+# (or --volume DIR:/wheels:ro --build-arg PIP_FIND_LINKS=/wheels with podman/buildah).
+ARG REQUIREMENTS=requirements-cuda.lock
+ARG PIP_EXTRA_INDEX_URL=""
+ARG PIP_FIND_LINKS=""
+COPY requirements.lock requirements-cuda.lock ./
+RUN pip install --no-cache-dir -r "${REQUIREMENTS}"
 
 COPY . .
 RUN pip install --no-cache-dir --no-deps . \
