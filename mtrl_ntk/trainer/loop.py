@@ -2,7 +2,9 @@
 
 One step is one step of every seed's T environments (T transitions per seed into its
 replay buffer) followed, after the random warm-up, by one SAC update per seed on a
-batch of ``batch_size / T`` transitions per task (docs/design.md, "The data path"):
+batch of ``batch_size / T`` transitions per task (docs/design.md, "The data path");
+with ``train.warmup_burst`` the step that ends the warm-up makes ``warmup_steps``
+updates at once, as mtrl's loop does (``mtrl_ntk/update_schedule.py``):
 
 1. act: each seed's warm-up actions from its own generator, then one policy call for
    all seeds ([S, T, D] -> [S, T, A], ``mtrl_ntk.trainer.learner``);
