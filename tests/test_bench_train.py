@@ -71,11 +71,13 @@ def test_smoke_preset_json_reports_every_phase_and_a_consistent_total(tmp_path: 
 
 
 @pytest.mark.slow
-def test_a_seed_group_is_measured_as_one_loop_with_one_update_per_step() -> None:
+def test_a_seed_group_is_measured_as_one_loop_with_one_update_per_step_after_the_burst() -> None:
+    # Measured from the step that ends the warm-up, with mtrl's burst (train.warmup_burst):
+    # that step makes warmup_steps = 3 updates for both seeds, every later step one.
     completed = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--preset", "smoke",
-         "--seeds", "2", "--steps", "6", "--warmup-steps", "3", "--skip-steps", "1",
-         "--threads", "1", "--json", "protocol.eval_every_steps=1000"],
+         "--seeds", "2", "--steps", "6", "--warmup-steps", "3", "--skip-steps", "0",
+         "--threads", "1", "--json", "protocol.eval_every_steps=1000", "train.warmup_burst=true"],
         capture_output=True, text=True, timeout=170, cwd=ROOT, check=False,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -83,10 +85,10 @@ def test_a_seed_group_is_measured_as_one_loop_with_one_update_per_step() -> None
     assert result["seeds"] == 2 and result["measured_steps"] == 6
     assert result["seed_steps_per_second"] == pytest.approx(2 * result["steps_per_second"])
     phases = result["phases"]
-    # One policy call and one update for both seeds per step; the loop reports every phase
-    # once per step for all seeds (mtrl_ntk.trainer.LoopObserver).
-    assert phases["act"]["calls"] == phases["update"]["calls"] == 6
-    assert phases["env"]["calls"] == phases["sample"]["calls"] == 6
+    # One policy call and one update for both seeds per step (the burst: 3 at the first);
+    # the loop reports every phase once for all seeds (mtrl_ntk.trainer.LoopObserver).
+    assert phases["act"]["calls"] == phases["env"]["calls"] == 6
+    assert phases["update"]["calls"] == phases["sample"]["calls"] == 6 - 1 + 3
     assert phases["eval"]["calls"] == 1  # the final evaluation of both seeds, side by side
     total = sum(phase["seconds"] for phase in phases.values())
     assert total == pytest.approx(result["wall_seconds"], rel=1e-6)
