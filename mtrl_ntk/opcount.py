@@ -11,12 +11,25 @@ host until the GPU's queue drains, and makes CUDA-graph capture impossible.
     with OpCounter() as counter:
         agent.update(batch)
     counter.total, counter.syncs      # ATen ops, and the ones that synchronise
+
+Compiled, the update is no longer a sequence of ATen ops but of the kernels that
+inductor generated (fused loops: ``cpp_fused_*`` on the CPU, ``triton_*`` on CUDA),
+extern calls (``extern_kernels.mm``...) and library ops it left as they are
+(``torch.ops.aten.linalg_cholesky_ex``...); on a GPU each is at least one launch
+of a CUDA-graph replay. ``CompiledKernels`` counts them in the output code that
+inductor writes (or loads from its cache) inside the ``with`` block:
+
+    with CompiledKernels() as kernels:
+        compiled_update(batch)        # the first call compiles
+    kernels.total, kernels.by_kind    # e.g. 139, {"generated": 90, "extern": 40, ...}
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -111,3 +124,74 @@ def count_ops(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, OpCounter]:
     with OpCounter() as counter:
         result = fn(*args, **kwargs)
     return result, counter
+
+
+# One statement of inductor's wrapper code that runs a kernel: a generated kernel
+# (``cpp_fused_3(buf0, ...)``, ``triton_poi_fused_0.run(...)``), an extern call
+# (``extern_kernels.mm(...)``) or a library op inductor did not lower
+# (``torch.ops.aten.linalg_cholesky_ex.default(...)``), possibly assigned.
+_KERNEL_CALL = re.compile(
+    r"^[ \t]*(?:[\w\[\], ]+ = )?"
+    r"(?P<name>(?:cpp_fused|triton_)\w*(?:\.run)?|extern_kernels\.\w+|torch\.ops\.\w+\.\w+)\(",
+    re.MULTILINE,
+)
+_KERNEL_SOURCE = re.compile(r"(?:r|R)?'''.*?'''|(?:r|R)?\"\"\".*?\"\"\"", re.DOTALL)
+
+
+def kernel_kind(name: str) -> str:
+    """``generated``, ``extern`` or ``library`` (an ATen op run as it is)."""
+    if name.startswith(("cpp_fused", "triton_")):
+        return "generated"
+    return "extern" if name.startswith("extern_kernels.") else "library"
+
+
+def count_kernel_calls(source: str) -> Counter[str]:
+    """Kernel calls per name (generated kernels counted under ``generated``) in one module of
+    inductor's output code; the kernels' own sources (string literals) are skipped."""
+    calls: Counter[str] = Counter()
+    for match in _KERNEL_CALL.finditer(_KERNEL_SOURCE.sub("", source)):
+        name = match.group("name")
+        calls["generated" if kernel_kind(name) == "generated" else name] += 1
+    return calls
+
+
+class CompiledKernels:
+    """The kernels of the graphs inductor compiles (or loads from its cache) inside the
+    ``with`` block, counted in their output code (``count_kernel_calls``).
+
+    ``total``: kernel calls per run of all those graphs; ``by_name``: per extern or
+    library op (generated kernels under ``generated``); ``by_kind``: generated,
+    extern and library; ``sources``: the output code, one module per graph.
+    """
+
+    def __init__(self) -> None:
+        self.sources: list[str] = []
+        self._patch: Any = None
+
+    def __enter__(self) -> CompiledKernels:
+        from torch._inductor.graph import GraphLowering
+
+        self._patch = mock.patch.object(GraphLowering, "save_output_code", self.sources.append)
+        self._patch.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._patch.__exit__(*exc)
+
+    @property
+    def by_name(self) -> Counter[str]:
+        calls: Counter[str] = Counter()
+        for source in self.sources:
+            calls.update(count_kernel_calls(source))
+        return calls
+
+    @property
+    def by_kind(self) -> dict[str, int]:
+        kinds: Counter[str] = Counter()
+        for name, count in self.by_name.items():
+            kinds[kernel_kind(name)] += count
+        return {kind: kinds[kind] for kind in ("generated", "extern", "library")}
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_name.values())

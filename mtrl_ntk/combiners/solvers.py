@@ -554,14 +554,26 @@ def power_balance_weights(
 
 # --- Jacobi eigenvalue methods (instead of eigh/svd, which check info on the host) --------
 
-_ROUNDS: dict[tuple[int, str], list[Tensor]] = {}
+@dataclass(frozen=True)
+class JacobiRound:
+    """One round of disjoint pairs (p, q), p < q, as per-index [size] int64 tensors, so that
+    a round's rotations are gathers and pointwise products (no rotation matrix, no matmul):
+    index i is paired with ``partner[i]`` (itself if unpaired: odd size), ``low[i]`` and
+    ``high[i]`` are its pair's p and q, and ``sign[i]`` is -1 for p, +1 for q, 0 unpaired."""
+
+    partner: Tensor  # [size]
+    low: Tensor  # [size]
+    high: Tensor  # [size]
+    sign: Tensor  # [size] float64
 
 
-def jacobi_rounds(size: int, device: torch.device) -> list[Tensor]:
+_ROUNDS: dict[tuple[int, str], list[JacobiRound]] = {}
+
+
+def jacobi_rounds(size: int, device: torch.device) -> list[JacobiRound]:
     """One cyclic sweep as size - 1 (even size) or size (odd) rounds of disjoint pairs
-    (p, q) (round-robin / circle method), each given by the flat indices of the
-    (p,p), (q,q), (p,q), (q,p) entries of a [size, size] matrix. Cached per size and
-    device (Python constants of the graph: they depend on T only)."""
+    (p, q) (round-robin / circle method). Cached per size and device (constants of the
+    graph: they depend on T only)."""
     key = (size, str(device))
     if key not in _ROUNDS:
         players = list(range(size + size % 2))  # a dummy player (= size) for odd size
@@ -570,43 +582,53 @@ def jacobi_rounds(size: int, device: torch.device) -> list[Tensor]:
         for _ in range(count - 1):
             pairs = [(players[i], players[count - 1 - i]) for i in range(count // 2)]
             pairs = [(min(a, b), max(a, b)) for a, b in pairs if size not in (a, b)]
-            p = torch.tensor([a for a, _ in pairs], device=device)
-            q = torch.tensor([b for _, b in pairs], device=device)
-            # Flat indices of the (p,p), (q,q), (p,q) and (q,p) entries of a [size, size]
-            # matrix: the first three read a round's entries, all four place its rotations.
-            flat = torch.cat([p * size + p, q * size + q, p * size + q, q * size + p])
+            partner, low, high = list(range(size)), list(range(size)), list(range(size))
+            sign = [0.0] * size
+            for p, q in pairs:
+                partner[p], partner[q] = q, p
+                low[p] = low[q] = p
+                high[p] = high[q] = q
+                sign[p], sign[q] = -1.0, 1.0
             if pairs:
-                rounds.append(flat)
+                rounds.append(JacobiRound(
+                    partner=torch.tensor(partner, device=device),
+                    low=torch.tensor(low, device=device),
+                    high=torch.tensor(high, device=device),
+                    sign=torch.tensor(sign, dtype=torch.float64, device=device),
+                ))
             players = [players[0], players[-1], *players[1:-1]]
         _ROUNDS[key] = rounds
     return _ROUNDS[key]
 
 
-def _rotation(matrix: Tensor, flat: Tensor, size: int) -> Tensor:
-    """The [size, size] product J of the Jacobi rotations that zero every a_pq of a round
-    of the symmetric ``matrix`` (Golub & Van Loan, Alg. 8.5.1: JᵀAJ has (JᵀAJ)_pq = 0).
+def _rotation_coefficients(
+    app: Tensor, aqq: Tensor, apq: Tensor, round_: JacobiRound
+) -> tuple[Tensor, Tensor]:
+    """The round's rotation J (Golub & Van Loan, Alg. 8.5.1: JᵀAJ has (JᵀAJ)_pq = 0) as
+    per-index coefficients [size]: column j of A J is cos_j A[:, j] + sin_j A[:, partner j].
+    ``app``, ``aqq``, ``apq`` [size] are a_pp, a_qq, a_pq of each index's pair.
 
     tan 2θ = 2 a_pq / (a_qq - a_pp), with the inner angle |θ| <= π/4 (as sym.schur2's
     smaller root t = tan θ): θ = ½ atan2(2 a_pq sign(d), |d|), d = a_qq - a_pp; θ = 0
-    (no rotation) when a_pq = 0."""
-    pairs = flat.shape[0] // 4
-    app, aqq, apq = matrix.flatten().index_select(0, flat[: 3 * pairs]).view(3, pairs)
+    (no rotation) when a_pq = 0. J_pp = J_qq = cos θ, J_pq = sin θ, J_qp = -sin θ."""
     difference = aqq - app
     twice = 2.0 * apq
     angle = 0.5 * torch.atan2(torch.where(difference >= 0, twice, -twice), difference.abs())
-    c, s = torch.cos(angle), torch.sin(angle)
-    eye = _flat_identity(size, matrix.device)
-    return eye.scatter(0, flat, torch.cat([c, c, s, -s])).view(size, size)
+    paired = round_.sign != 0
+    cosine = torch.where(paired, torch.cos(angle), 1.0)
+    sine = torch.where(paired, round_.sign * torch.sin(angle), 0.0)
+    return cosine, sine
 
 
-_IDENTITIES: dict[tuple[int, str], Tensor] = {}
+def _rotate_columns(matrix: Tensor, cosine: Tensor, sine: Tensor, partner: Tensor) -> Tensor:
+    """matrix [m, size] times a round's rotation J, by gathers: (M J)[:, j] =
+    cos_j M[:, j] + sin_j M[:, partner j]."""
+    return cosine * matrix + sine * matrix.index_select(1, partner)
 
 
-def _flat_identity(size: int, device: torch.device) -> Tensor:
-    key = (size, str(device))
-    if key not in _IDENTITIES:
-        _IDENTITIES[key] = torch.eye(size, dtype=torch.float64, device=device).flatten()
-    return _IDENTITIES[key]
+def _diagonal_entries(matrix: Tensor, rows: Tensor, columns: Tensor) -> Tensor:
+    size = matrix.shape[1]
+    return matrix.flatten().index_select(0, rows * size + columns)
 
 
 def jacobi_sweeps(size: int) -> int:
@@ -620,17 +642,27 @@ def jacobi_sweeps(size: int) -> int:
 
 def jacobi_eigh(matrix: Tensor, sweeps: int) -> tuple[Tensor, Tensor]:
     """Eigenvalues [n] (unsorted) and eigenvectors [n, n] (columns) of a symmetric matrix by
-    ``sweeps`` cyclic Jacobi sweeps in parallel (round-robin) order: each round is one
-    rotation matrix and three [n, n] matmuls. Cyclic Jacobi converges quadratically
-    (``jacobi_sweeps`` gives a budget that reaches float64 resolution in our tests).
-    Absolute accuracy ~eps ‖A‖, as eigh."""
+    ``sweeps`` cyclic Jacobi sweeps in parallel (round-robin) order: each round applies
+    its disjoint rotations JᵀAJ and V J by gathers and products (``_rotate_columns``;
+    one fused kernel per round when compiled, no matmul). Cyclic Jacobi converges
+    quadratically (``jacobi_sweeps`` gives a budget that reaches float64 resolution in
+    our tests). Absolute accuracy ~eps ‖A‖, as eigh."""
     size = matrix.shape[0]
     vectors = torch.eye(size, dtype=torch.float64, device=matrix.device)
     for _ in range(sweeps):
-        for flat in jacobi_rounds(size, matrix.device):
-            rotation = _rotation(matrix, flat, size)
-            matrix = rotation.T @ matrix @ rotation
-            vectors = vectors @ rotation
+        for round_ in jacobi_rounds(size, matrix.device):
+            cosine, sine = _rotation_coefficients(
+                _diagonal_entries(matrix, round_.low, round_.low),
+                _diagonal_entries(matrix, round_.high, round_.high),
+                _diagonal_entries(matrix, round_.low, round_.high),
+                round_,
+            )
+            columns = _rotate_columns(matrix, cosine, sine, round_.partner)  # A J
+            # Jᵀ (A J): the same combination of rows.
+            matrix = cosine.unsqueeze(1) * columns + sine.unsqueeze(1) * columns.index_select(
+                0, round_.partner
+            )
+            vectors = _rotate_columns(vectors, cosine, sine, round_.partner)
     return matrix.diagonal(), vectors
 
 
@@ -645,12 +677,15 @@ def jacobi_column_orthogonalise(factor: Tensor, sweeps: int) -> tuple[Tensor, Te
     size = factor.shape[1]
     rotations = torch.eye(size, dtype=torch.float64, device=factor.device)
     for _ in range(sweeps):
-        for flat in jacobi_rounds(size, factor.device):
-            # The round's column inner products (one [n, n] matmul: each entry is the
-            # same dot product of two current columns).
-            rotation = _rotation(factor.T @ factor, flat, size)
-            factor = factor @ rotation
-            rotations = rotations @ rotation
+        for round_ in jacobi_rounds(size, factor.device):
+            # The round's column inner products x_pᵀx_p, x_qᵀx_q, x_pᵀx_q, per index.
+            low = factor.index_select(1, round_.low)
+            high = factor.index_select(1, round_.high)
+            cosine, sine = _rotation_coefficients(
+                (low * low).sum(0), (high * high).sum(0), (low * high).sum(0), round_
+            )
+            factor = _rotate_columns(factor, cosine, sine, round_.partner)
+            rotations = _rotate_columns(rotations, cosine, sine, round_.partner)
     return factor, rotations
 
 
