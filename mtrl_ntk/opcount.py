@@ -132,24 +132,28 @@ def count_ops(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, OpCounter]:
 # (``torch.ops.aten.linalg_cholesky_ex.default(...)``), possibly assigned.
 _KERNEL_CALL = re.compile(
     r"^[ \t]*(?:[\w\[\], ]+ = )?"
-    r"(?P<name>(?:cpp_fused|triton_)\w*(?:\.run)?|extern_kernels\.\w+|torch\.ops\.\w+\.\w+)\(",
+    r"(?P<name>(?:cpp_fused|triton_)\w*|extern_kernels\.\w+|torch\.ops\.\w+\.\w+)"
+    r"(?:\.\w+)?\(",  # a Triton kernel's .run, an op's overload (.default)
     re.MULTILINE,
 )
-_KERNEL_SOURCE = re.compile(r"(?:r|R)?'''.*?'''|(?:r|R)?\"\"\".*?\"\"\"", re.DOTALL)
 
 
 def kernel_kind(name: str) -> str:
-    """``generated``, ``extern`` or ``library`` (an ATen op run as it is)."""
-    if name.startswith(("cpp_fused", "triton_")):
+    """``generated``, ``extern`` or ``library`` (an ATen op run as it is) for a kernel call's
+    name (or ``generated``, the name ``count_kernel_calls`` gives generated kernels)."""
+    if name == "generated" or name.startswith(("cpp_fused", "triton_")):
         return "generated"
     return "extern" if name.startswith("extern_kernels.") else "library"
 
 
 def count_kernel_calls(source: str) -> Counter[str]:
     """Kernel calls per name (generated kernels counted under ``generated``) in one module of
-    inductor's output code; the kernels' own sources (string literals) are skipped."""
+    inductor's output code: in its wrapper (``class Runner``, or from the first ``def call``
+    in an older layout), after the kernels' own definitions and sources."""
+    start = source.find("\nclass Runner")
+    wrapper = source[start:] if start >= 0 else source[max(source.find("def call("), 0) :]
     calls: Counter[str] = Counter()
-    for match in _KERNEL_CALL.finditer(_KERNEL_SOURCE.sub("", source)):
+    for match in _KERNEL_CALL.finditer(wrapper):
         name = match.group("name")
         calls["generated" if kernel_kind(name) == "generated" else name] += 1
     return calls

@@ -73,6 +73,10 @@ SHAPES = {
     # One-hot MT-SAC, 3x256, batch 640: the setting of the jitted-JAX comparison.
     "mtsac256": {"tasks": 10, "per_task": 64,
                  "agent": AgentConfig(arch="mtsac", hidden_dim=256)},
+    # T = 10 on tiny layers: the compiled update's kernels are those of "paper" (they
+    # depend on the graph and T, not on layer sizes), compiled in a fraction of the time.
+    "kernels": {"tasks": 10, "per_task": 4,
+                "agent": AgentConfig(hidden_dim=16, task_embedding_dim=4)},
     "quick": {"tasks": 3, "per_task": 8,
               "agent": AgentConfig(hidden_dim=16, num_layers=2, task_embedding_dim=4)},
 }
@@ -247,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("rows", nargs="*", help="combiners (name or name:n); default: all")
     parser.add_argument("--quick", action="store_true", help="tiny shape, for tests")
     parser.add_argument("--preset", choices=sorted(SHAPES), default="paper",
-                        help="shape: paper (default), mtsac256, quick")
+                        help="shape: paper (default), mtsac256, kernels, quick")
     parser.add_argument("--compile", action="store_true",
                         help="also time the compiled update (train.compile=true)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")

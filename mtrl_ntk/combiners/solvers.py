@@ -435,8 +435,10 @@ def solve_power_balance(
     absolute = cosines.abs()
 
     def evaluate(points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """f, the residual and C u for positive points [k, n] (one matmul shared)."""
-        products = points @ cosines
+        """f, the residual and C u for positive points [k, n]. The [n, n] products are
+        broadcast sums, which the compiler fuses with the rest (a matmul would be a
+        kernel of its own)."""
+        products = (points.unsqueeze(-1) * cosines).sum(-2)  # [k, n] C u
         scaled = points / m
         value = 0.5 * (products * points).sum(-1) + (
             squared_m * _balance_penalty(scaled, power)
@@ -444,7 +446,7 @@ def solve_power_balance(
         # |v_i^p (C u)_i / m_i - 1| relative to the size of the terms of (C u)_i (at least
         # 1): where they cancel (weights spanning decades) float64 cannot resolve better.
         factor = (scaled if power == 1.0 else scaled**power) / m
-        terms = (factor * (points @ absolute)).clamp_min(1.0)
+        terms = (factor * (points.unsqueeze(-1) * absolute).sum(-2)).clamp_min(1.0)
         residual = ((factor * products - 1.0).abs() / terms).amax(-1)
         return value, residual, products
 
