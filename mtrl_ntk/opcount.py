@@ -159,6 +159,10 @@ def count_kernel_calls(source: str) -> Counter[str]:
     return calls
 
 
+class OutputCodeWritten(Exception):
+    """Raised by ``CompiledKernels(stop=True)`` once inductor has written its output code."""
+
+
 class CompiledKernels:
     """The kernels of the graphs inductor compiles (or loads from its cache) inside the
     ``with`` block, counted in their output code (``count_kernel_calls``).
@@ -166,16 +170,26 @@ class CompiledKernels:
     ``total``: kernel calls per run of all those graphs; ``by_name``: per extern or
     library op (generated kernels under ``generated``); ``by_kind``: generated,
     extern and library; ``sources``: the output code, one module per graph.
+
+    With ``stop=True`` the compilation stops (``OutputCodeWritten``) as soon as the
+    output code of a graph is written, before its kernels are compiled (the C++ or
+    Triton compiler's share of a compile): what ``count_compiled_kernels`` does.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stop: bool = False) -> None:
         self.sources: list[str] = []
+        self.stop = stop
         self._patch: Any = None
+
+    def _record(self, source: str) -> None:
+        self.sources.append(source)
+        if self.stop:
+            raise OutputCodeWritten
 
     def __enter__(self) -> CompiledKernels:
         from torch._inductor.graph import GraphLowering
 
-        self._patch = mock.patch.object(GraphLowering, "save_output_code", self.sources.append)
+        self._patch = mock.patch.object(GraphLowering, "save_output_code", self._record)
         self._patch.__enter__()
         return self
 
@@ -199,3 +213,39 @@ class CompiledKernels:
     @property
     def total(self) -> int:
         return sum(self.by_name.values())
+
+
+def count_compiled_kernels(fn: Any, *args: Any) -> CompiledKernels:
+    """The kernels of ``fn(*args)`` compiled by inductor as one graph (``fullgraph=True``,
+    static shapes), counted in its output code without compiling the kernels themselves
+    (``CompiledKernels(stop=True)``); ``fn`` does not run. ``torch.autograd.grad`` is
+    traced into the graph as in ``mtrl_ntk.compilation``."""
+    compiled = torch.compile(fn, backend="inductor", fullgraph=True, dynamic=False)
+    config = torch._dynamo.config
+    patch = {"trace_autograd_ops": True} if hasattr(config, "trace_autograd_ops") else {}
+    # A cache hit would skip the code generation that is measured here.
+    with (
+        CompiledKernels(stop=True) as kernels,
+        config.patch(**patch),
+        torch._inductor.config.patch(fx_graph_cache=False),
+    ):
+        try:
+            compiled(*args)
+        except Exception as error:  # noqa: BLE001 - dynamo wraps the backend's exception
+            if not _caused_by(error, OutputCodeWritten):
+                raise
+    if not kernels.sources:
+        raise RuntimeError("inductor wrote no output code (was the graph empty?)")
+    return kernels
+
+
+def _caused_by(error: BaseException, kind: type) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return True
+        seen.add(id(current))
+        inner = getattr(current, "inner_exception", None)
+        current = current.__cause__ or current.__context__ or inner
+    return False

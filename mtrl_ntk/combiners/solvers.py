@@ -380,12 +380,24 @@ def _bound_multipliers(
 BALANCE_RIDGE = 1e-6
 # Newton steps of ``solve_power_balance`` (each: one Cholesky solve and one batched
 # evaluation of the candidate step sizes), and the candidate step sizes 2^-k, k < 16
-# (and 0).
-NEWTON_STEPS = 40
+# (and 0). Every step is unrolled in the compiled update (a few kernels each: the
+# factorisation, the solve, fused code), so each budget is the smallest with which every
+# property test still reaches its tolerance from a cold start: 12 for p >= 1/2 (Nash-MTL,
+# FairGrad α <= 2), 20 below (FairGrad α = 5 on the badly scaled gradients needs 17-20;
+# 16 leaves it short). Warm-started training solves need far fewer
+# (scripts/solver_convergence.py, README "Speed").
+NEWTON_STEPS = 12
+NEWTON_STEPS_SMALL_POWER = 20
 LINE_SEARCH_CANDIDATES = 16
 # A balance solution with a larger relative residual falls back to orthogonal weights.
 BALANCE_FALLBACK_RESIDUAL = 1e-3
 POSITIVITY_FRACTION = 0.99
+
+
+def newton_steps(power: float) -> int:
+    """The fixed Newton budget of ``solve_power_balance`` for the power p (a constant of
+    the graph: p is the combiner's parameter, not data)."""
+    return NEWTON_STEPS if power >= 0.5 else NEWTON_STEPS_SMALL_POWER
 
 
 def _balance_penalty(values: Tensor, power: float) -> Tensor:
@@ -400,6 +412,9 @@ class BalanceSolution:
     weights: Tensor  # [n] w > 0
     residual: Tensor  # 0-d max_i |w_i^p (K w)_i - 1| for the K the solver was given
     failed: Tensor  # 0-d bool: a non-finite answer
+    # [steps + 1] the residual at the start and after each step (for measurements,
+    # e.g. scripts/solver_convergence.py; the compiler drops it when unused).
+    history: Tensor
 
 
 def solve_power_balance(
@@ -415,15 +430,16 @@ def solve_power_balance(
     orthogonal gradients give v_i = 1 (v = u / m, m_i = ‖g_i‖^((p-1)/(p+1))): the
     Newton system C + diag(p v^(-p-1)) is then free of the task norms.
 
-    Fixed budget: ``NEWTON_STEPS`` (40) steps. Each step is limited so that no
-    coordinate loses more than 99% of its value (positivity; a coordinate may need to
-    fall by decades), and instead of a backtracking loop the step sizes α_max 2^-k
-    (k < 16) and 0 are evaluated at once (one batched evaluation); the largest that
-    satisfies Armijo on f, or lowers the residual (near the solution f no longer
-    resolves progress, the residual does), is taken. Once converged, steps become
-    rounding-level moves, so spare steps are harmless. In our tests the hardest cases
-    (α = 5, T = 12 > d, norms spanning 1e7, weights spanning 1e33) need 33-40 steps,
-    the usual ones 4-20. The start is the better (in f, after the optimal rescaling
+    Fixed budget: ``newton_steps(p)`` steps (12 for p >= 1/2, 20 below). Each step is
+    limited so that no coordinate loses more than 99% of its value (positivity; a
+    coordinate may need to fall by decades), and instead of a backtracking loop the step
+    sizes α_max 2^-k (k < 16) and 0 are evaluated at once (one batched evaluation); the
+    largest that satisfies Armijo on f, or lowers the residual (near the solution f no
+    longer resolves progress, the residual does), is taken. Once converged, steps become
+    rounding-level moves, so spare steps are harmless. In our tests the hardest case
+    (FairGrad α = 5, gradients with norms spanning decades) needs 17-20 steps from a
+    cold start, the others at most 12; warm starts on training Gramians need a few
+    (README, "Speed"). The start is the better (in f, after the optimal rescaling
     along its ray) of ``start`` (e.g. the previous solution) and the solution for
     orthogonal gradients w_i = ‖g_i‖^(-2/(1+p)).
     """
@@ -474,7 +490,8 @@ def solve_power_balance(
         0.5 ** torch.arange(LINE_SEARCH_CANDIDATES, dtype=torch.float64, device=device),
         torch.zeros(1, dtype=torch.float64, device=device),
     ])
-    for _ in range(NEWTON_STEPS):
+    history = [current]
+    for _ in range(newton_steps(power)):
         v = u / m
         power_v = v ** (-power)
         gradient = cu - m * power_v
@@ -497,9 +514,12 @@ def solve_power_balance(
         accept = (values <= value + 1e-4 * alphas * (gradient @ step)) | (residuals < current)
         first = accept.double().argmax()  # the largest accepted step size (the last: 0)
         u, value, current, cu = pick(first, trials, values, residuals, products)
+        history.append(current)
     weights = u / norms
     failed = ~torch.isfinite(weights).all() | ~torch.isfinite(current)
-    return BalanceSolution(weights=weights, residual=current, failed=failed)
+    return BalanceSolution(
+        weights=weights, residual=current, failed=failed, history=torch.stack(history)
+    )
 
 
 def power_balance_weights(
