@@ -8,7 +8,7 @@ Newton (``solvers.solve_power_balance``), each warm-started from its previous so
 as in training, and reports per Gramian the Newton steps until the relative residual is
 at most ``--tolerance`` (1e-9, the property tests'), and the same for a cold start;
 and the cyclic Jacobi sweeps (Aligned-MTL, IMTL-G) until the off-diagonal of the cosine
-matrix is below 1e-14 of its norm.
+matrix's eigenpairs have residuals below 1e-12 of its largest entry.
 
     python scripts/solver_convergence.py                      # record (smoke run), measure
     python scripts/solver_convergence.py --gramians g.pt      # measure a recording again
@@ -120,17 +120,18 @@ def newton_steps(gramians: list[torch.Tensor], power: float, tolerance: float) -
 
 
 def jacobi_sweeps_needed(gramians: list[torch.Tensor], limit: int = 10) -> dict:
-    """Cyclic Jacobi sweeps until the cosine matrix's off-diagonal is below 1e-14 of it."""
+    """Cyclic Jacobi sweeps (``solvers.jacobi_eigh``) until every eigenpair of the cosine
+    matrix C has a residual max|C v - λ v| <= 1e-12 max|C| (float64 rounding: ~1e-15)."""
     from mtrl_ntk.combiners import solvers
 
     needed = []
     for gramian in gramians:
         cosines = solvers.scale_gramian(gramian).cosines
+        scale = cosines.abs().amax()
         for sweeps in range(1, limit + 1):
             eigenvalues, vectors = solvers.jacobi_eigh(cosines, sweeps)
-            rotated = vectors.T @ cosines @ vectors
-            off = rotated - torch.diag(rotated.diagonal())
-            if off.norm() <= 1e-14 * cosines.norm():
+            residual = (cosines @ vectors - vectors * eigenvalues).abs().amax()
+            if residual <= 1e-12 * scale:
                 break
         needed.append(sweeps)
     return summary(needed)
@@ -172,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     for role, gramians in recorded.items():
         if not gramians:
             continue
+        # What the combiners solve (``solvers.gramian_of``): the symmetric part, float64.
+        gramians = [0.5 * (gramian + gramian.T) for gramian in gramians]
         results[role] = {
             "nashmtl": newton_steps(gramians, 1.0, args.tolerance),
             f"fairgrad_alpha{args.alpha:g}": newton_steps(gramians, 1.0 / args.alpha,
@@ -182,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results))
         return 0
     print(f"Gramians of {' '.join(args.overrides)}; Newton steps to a residual of "
-          f"{args.tolerance:g} (median / p90 / max), Jacobi sweeps to 1e-14")
+          f"{args.tolerance:g} (median / p90 / max), Jacobi sweeps to eigenpair residuals of "
+          "1e-12")
     for role, rows in results.items():
         for solver, counts in rows.items():
             for start, numbers in (counts.items() if "warm" in counts else [("cold", counts)]):
