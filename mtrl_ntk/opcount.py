@@ -21,7 +21,7 @@ inductor writes (or loads from its cache) inside the ``with`` block:
 
     with CompiledKernels() as kernels:
         compiled_update(batch)        # the first call compiles
-    kernels.total, kernels.by_kind    # e.g. 139, {"generated": 90, "extern": 40, ...}
+    kernels.total, kernels.by_kind    # LS, T = 10: 139, {"generated": 58, "extern": 79, ...}
 """
 
 from __future__ import annotations
@@ -249,3 +249,4 @@ def _caused_by(error: BaseException, kind: type) -> bool:
         inner = getattr(current, "inner_exception", None)
         current = current.__cause__ or current.__context__ or inner
     return False
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mtrl_ntk.opcount import CompiledKernels, count_kernel_calls
+from mtrl_ntk.opcount import CompiledKernels, count_compiled_kernels, count_kernel_calls
 
 # The shape of inductor's wrapper code (CPU and CUDA), with kernel sources in strings.
 OUTPUT_CODE = """
@@ -39,12 +39,13 @@ def test_count_kernel_calls_reads_the_calls_and_skips_the_kernel_sources() -> No
     }
 
 
-def test_compiled_kernels_counts_what_inductor_compiles_inside_the_block() -> None:
-    def solve(matrix: torch.Tensor) -> torch.Tensor:
-        system = matrix @ matrix.T + torch.eye(4, dtype=torch.float64)
-        factor, _ = torch.linalg.cholesky_ex(system)
-        return factor.exp() + 1.0
+def solve(matrix: torch.Tensor) -> torch.Tensor:
+    system = matrix @ matrix.T + torch.eye(4, dtype=torch.float64)
+    factor, _ = torch.linalg.cholesky_ex(system)
+    return factor.exp() + 1.0
 
+
+def test_compiled_kernels_counts_what_inductor_compiles_inside_the_block() -> None:
     torch._dynamo.reset()
     compiled = torch.compile(solve, backend="inductor", fullgraph=True, dynamic=False)
     matrix = torch.randn(4, 4, dtype=torch.float64)
@@ -59,3 +60,13 @@ def test_compiled_kernels_counts_what_inductor_compiles_inside_the_block() -> No
     with CompiledKernels() as again:
         compiled(matrix)  # already compiled: nothing new
     assert again.total == 0
+
+
+def test_count_compiled_kernels_reads_the_same_code_without_compiling_the_kernels() -> None:
+    matrix = torch.randn(4, 4, dtype=torch.float64)
+    torch._dynamo.reset()
+    with CompiledKernels() as compiled:
+        torch.compile(solve, backend="inductor", fullgraph=True, dynamic=False)(matrix)
+    torch._dynamo.reset()
+    counted = count_compiled_kernels(solve, matrix)
+    assert counted.by_name == compiled.by_name and counted.total == compiled.total > 0
