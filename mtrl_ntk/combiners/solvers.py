@@ -477,7 +477,7 @@ def solve_power_balance(
         candidates = torch.stack([ones, torch.where(usable, start_v, ones)])
     rays = m * candidates  # [s, n]
     # Best multiple τ of each start: d/dτ f(τ ray) = 0.
-    curvature = ((rays @ cosines) * rays).sum(-1).clamp_min(1e-300)
+    curvature = ((rays.unsqueeze(-1) * cosines).sum(-2) * rays).sum(-1).clamp_min(1e-300)
     tau = ((squared_m * candidates ** (1.0 - power)).sum(-1) / curvature) ** (1.0 / (1.0 + power))
     starts = tau.unsqueeze(1) * rays
     values, residuals, products = evaluate(starts)
@@ -512,7 +512,8 @@ def solve_power_balance(
         trials = u + alphas.unsqueeze(1) * step  # [k + 1, n]
         values, residuals, products = evaluate(trials)
         # Armijo on f; near the solution f stops resolving progress, the residual still does.
-        accept = (values <= value + 1e-4 * alphas * (gradient @ step)) | (residuals < current)
+        slope = (gradient * step).sum()
+        accept = (values <= value + 1e-4 * alphas * slope) | (residuals < current)
         first = accept.double().argmax()  # the largest accepted step size (the last: 0)
         u, value, current, cu = pick(first, trials, values, residuals, products)
         history.append(current)
@@ -553,7 +554,10 @@ def power_balance_weights(
     hull_cosines = scaled.cosines + 1e6 * dummy + RIDGE * eye
     ones = torch.ones(size, dtype=torch.float64, device=device)
     closest = simplex_problem(hull_cosines, torch.zeros_like(ones), ones).point
-    hull_distance_squared = (closest @ (scaled.cosines + 1e6 * dummy) @ closest).clamp_min(0.0)
+    # Products of [T] vectors and [T, T] matrices as broadcast sums here: they fuse with
+    # the element-wise code around them (a matmul is a kernel of its own).
+    unridged = scaled.cosines + 1e6 * dummy
+    hull_distance_squared = (closest.unsqueeze(1) * unridged * closest).sum().clamp_min(0.0)
     use_ridge = hull_distance_squared <= BALANCE_RIDGE
     ridge = torch.where(use_ridge, BALANCE_RIDGE, 0.0)
     cosines = scaled.cosines + dummy + ridge * eye
@@ -563,7 +567,7 @@ def power_balance_weights(
     orthogonal = norms ** (-2.0 / (1.0 + power))
     weights = torch.where(failed, orthogonal, torch.nan_to_num(solution.weights))
     weights = torch.where(live, weights, 0.0)
-    exact = torch.where(live, weights**power * (gramian @ weights) - 1.0, 0.0)
+    exact = torch.where(live, weights**power * (gramian * weights).sum(1) - 1.0, 0.0)
     diagnostics = {
         "zero_gradient_tasks": scaled.zero,
         "ridge": ridge,
