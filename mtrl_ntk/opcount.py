@@ -11,12 +11,25 @@ host until the GPU's queue drains, and makes CUDA-graph capture impossible.
     with OpCounter() as counter:
         agent.update(batch)
     counter.total, counter.syncs      # ATen ops, and the ones that synchronise
+
+Compiled, the update is no longer a sequence of ATen ops but of the kernels that
+inductor generated (fused loops: ``cpp_fused_*`` on the CPU, ``triton_*`` on CUDA),
+extern calls (``extern_kernels.mm``...) and library ops it left as they are
+(``torch.ops.aten.linalg_cholesky_ex``...); on a GPU each is at least one launch
+of a CUDA-graph replay. ``CompiledKernels`` counts them in the output code that
+inductor writes (or loads from its cache) inside the ``with`` block:
+
+    with CompiledKernels() as kernels:
+        compiled_update(batch)        # the first call compiles
+    kernels.total, kernels.by_kind    # LS, T = 10: 139, {"generated": 58, "extern": 79, ...}
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -111,3 +124,129 @@ def count_ops(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, OpCounter]:
     with OpCounter() as counter:
         result = fn(*args, **kwargs)
     return result, counter
+
+
+# One statement of inductor's wrapper code that runs a kernel: a generated kernel
+# (``cpp_fused_3(buf0, ...)``, ``triton_poi_fused_0.run(...)``), an extern call
+# (``extern_kernels.mm(...)``) or a library op inductor did not lower
+# (``torch.ops.aten.linalg_cholesky_ex.default(...)``), possibly assigned.
+_KERNEL_CALL = re.compile(
+    r"^[ \t]*(?:[\w\[\], ]+ = )?"
+    r"(?P<name>(?:cpp_fused|triton_)\w*|extern_kernels\.\w+|torch\.ops\.\w+\.\w+)"
+    r"(?:\.\w+)?\(",  # a Triton kernel's .run, an op's overload (.default)
+    re.MULTILINE,
+)
+
+
+def kernel_kind(name: str) -> str:
+    """``generated``, ``extern`` or ``library`` (an ATen op run as it is) for a kernel call's
+    name (or ``generated``, the name ``count_kernel_calls`` gives generated kernels)."""
+    if name == "generated" or name.startswith(("cpp_fused", "triton_")):
+        return "generated"
+    return "extern" if name.startswith("extern_kernels.") else "library"
+
+
+def count_kernel_calls(source: str) -> Counter[str]:
+    """Kernel calls per name (generated kernels counted under ``generated``) in one module of
+    inductor's output code: in its wrapper (``class Runner``, or from the first ``def call``
+    in an older layout), after the kernels' own definitions and sources."""
+    start = source.find("\nclass Runner")
+    wrapper = source[start:] if start >= 0 else source[max(source.find("def call("), 0) :]
+    calls: Counter[str] = Counter()
+    for match in _KERNEL_CALL.finditer(wrapper):
+        name = match.group("name")
+        calls["generated" if kernel_kind(name) == "generated" else name] += 1
+    return calls
+
+
+class OutputCodeWritten(Exception):
+    """Raised by ``CompiledKernels(stop=True)`` once inductor has written its output code."""
+
+
+class CompiledKernels:
+    """The kernels of the graphs inductor compiles (or loads from its cache) inside the
+    ``with`` block, counted in their output code (``count_kernel_calls``).
+
+    ``total``: kernel calls per run of all those graphs; ``by_name``: per extern or
+    library op (generated kernels under ``generated``); ``by_kind``: generated,
+    extern and library; ``sources``: the output code, one module per graph.
+
+    With ``stop=True`` the compilation stops (``OutputCodeWritten``) as soon as the
+    output code of a graph is written, before its kernels are compiled (the C++ or
+    Triton compiler's share of a compile): what ``count_compiled_kernels`` does.
+    """
+
+    def __init__(self, stop: bool = False) -> None:
+        self.sources: list[str] = []
+        self.stop = stop
+        self._patch: Any = None
+
+    def _record(self, source: str) -> None:
+        self.sources.append(source)
+        if self.stop:
+            raise OutputCodeWritten
+
+    def __enter__(self) -> CompiledKernels:
+        from torch._inductor.graph import GraphLowering
+
+        self._patch = mock.patch.object(GraphLowering, "save_output_code", self._record)
+        self._patch.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._patch.__exit__(*exc)
+
+    @property
+    def by_name(self) -> Counter[str]:
+        calls: Counter[str] = Counter()
+        for source in self.sources:
+            calls.update(count_kernel_calls(source))
+        return calls
+
+    @property
+    def by_kind(self) -> dict[str, int]:
+        kinds: Counter[str] = Counter()
+        for name, count in self.by_name.items():
+            kinds[kernel_kind(name)] += count
+        return {kind: kinds[kind] for kind in ("generated", "extern", "library")}
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_name.values())
+
+
+def count_compiled_kernels(fn: Any, *args: Any) -> CompiledKernels:
+    """The kernels of ``fn(*args)`` compiled by inductor as one graph (``fullgraph=True``,
+    static shapes), counted in its output code without compiling the kernels themselves
+    (``CompiledKernels(stop=True)``); ``fn`` does not run. ``torch.autograd.grad`` is
+    traced into the graph as in ``mtrl_ntk.compilation``."""
+    compiled = torch.compile(fn, backend="inductor", fullgraph=True, dynamic=False)
+    config = torch._dynamo.config
+    patch = {"trace_autograd_ops": True} if hasattr(config, "trace_autograd_ops") else {}
+    # A cache hit would skip the code generation that is measured here.
+    with (
+        CompiledKernels(stop=True) as kernels,
+        config.patch(**patch),
+        torch._inductor.config.patch(fx_graph_cache=False),
+    ):
+        try:
+            compiled(*args)
+        except Exception as error:  # noqa: BLE001 - dynamo wraps the backend's exception
+            if not _caused_by(error, OutputCodeWritten):
+                raise
+    if not kernels.sources:
+        raise RuntimeError("inductor wrote no output code (was the graph empty?)")
+    return kernels
+
+
+def _caused_by(error: BaseException, kind: type) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return True
+        seen.add(id(current))
+        inner = getattr(current, "inner_exception", None)
+        current = current.__cause__ or current.__context__ or inner
+    return False
+

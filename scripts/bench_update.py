@@ -12,7 +12,14 @@ temperature and Polyak steps, the non-finite guard, the metrics), then times it:
   holds);
 - ``wall_ms`` / ``cpu_ms``: eager update time, and with ``--compile`` the
   compiled update's (``compiled_*``, after ``compile_s`` seconds of compilation;
-  on CUDA the CUDA-graph replay).
+  on CUDA the CUDA-graph replay);
+- with ``--compile``, ``compiled_kernels``: the kernels one run of the compiled update
+  launches, counted in inductor's output code (``mtrl_ntk.opcount.CompiledKernels``:
+  generated kernels, extern calls such as ``mm``, and library ops such as
+  ``linalg_cholesky_ex``, split in ``compiled_kernels_by_kind``, the extern and library
+  ones by name in ``compiled_library_ops``), and ``compiled_kernels_ratio_to_ls``. On a
+  GPU each is at least one launch of the CUDA-graph replay; the count depends on the
+  graph and T, not on the layer sizes (the kernels fuse differently on a CPU and a GPU).
 
 Rows are timed round-robin (one update of each per round), so load from other
 jobs hits every row alike; ratios are to the LS row of the same process.
@@ -56,7 +63,7 @@ import torch
 from mtrl_ntk.agent import AgentConfig, MultiTaskSAC
 from mtrl_ntk.agent.seeds import SeedGroupSAC
 from mtrl_ntk.combiners import available_combiners, make_combiner
-from mtrl_ntk.opcount import count_ops
+from mtrl_ntk.opcount import CompiledKernels, count_ops
 from mtrl_ntk.replay import Batch
 from mtrl_ntk.runtime import tune_cpu_allocator
 
@@ -66,6 +73,10 @@ SHAPES = {
     # One-hot MT-SAC, 3x256, batch 640: the setting of the jitted-JAX comparison.
     "mtsac256": {"tasks": 10, "per_task": 64,
                  "agent": AgentConfig(arch="mtsac", hidden_dim=256)},
+    # T = 10 on tiny layers: the compiled update's kernels are those of "paper" (they
+    # depend on the graph and T, not on layer sizes), compiled in a fraction of the time.
+    "kernels": {"tasks": 10, "per_task": 4,
+                "agent": AgentConfig(hidden_dim=16, task_embedding_dim=4)},
     "quick": {"tasks": 3, "per_task": 8,
               "agent": AgentConfig(hidden_dim=16, num_layers=2, task_embedding_dim=4)},
 }
@@ -173,11 +184,17 @@ def benchmark(
             update, target = functools.partial(group.update, [batch] * size), group
             result = results[row]["seed_groups"][str(size)]
         started = time.perf_counter()
-        for _ in range(max(warmup, 2 if compiled else 0)):  # CUDA graphs record on call 2
-            update()
-        synchronize(device)
+        with CompiledKernels() as kernels:
+            for _ in range(max(warmup, 2 if compiled else 0)):  # CUDA graphs record on call 2
+                update()
+            synchronize(device)
         if compiled:
             result["compile_s"] = time.perf_counter() - started
+            result["compiled_kernels"] = kernels.total
+            result["compiled_kernels_by_kind"] = kernels.by_kind
+            result["compiled_library_ops"] = {
+                name: count for name, count in kernels.by_name.items() if name != "generated"
+            }
         updates[row, compiled, size] = (update, target, result)
     wall: dict[tuple[str, bool, int | None], list[float]] = {key: [] for key in updates}
     cpu: dict[tuple[str, bool, int | None], list[float]] = {key: [] for key in updates}
@@ -213,6 +230,10 @@ def benchmark(
         for key in ("wall_ms", "cpu_ms", "compiled_wall_ms", "compiled_cpu_ms"):
             if key in result:
                 result[key.replace("_ms", "_ratio_to_ls")] = result[key] / baseline[key]
+        if "compiled_kernels" in result:
+            result["compiled_kernels_ratio_to_ls"] = (
+                result["compiled_kernels"] / baseline["compiled_kernels"]
+            )
         if "compiled_wall_ms" in result:
             result["speedup"] = result["wall_ms"] / result["compiled_wall_ms"]
     return results
@@ -230,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("rows", nargs="*", help="combiners (name or name:n); default: all")
     parser.add_argument("--quick", action="store_true", help="tiny shape, for tests")
     parser.add_argument("--preset", choices=sorted(SHAPES), default="paper",
-                        help="shape: paper (default), mtsac256, quick")
+                        help="shape: paper (default), mtsac256, kernels, quick")
     parser.add_argument("--compile", action="store_true",
                         help="also time the compiled update (train.compile=true)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -282,7 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     header = f"{'row':<12} {'ops':>6} {'syncs':>5} {'breaks':>6} {'eager ms':>9} {'x LS':>5}"
     if args.compile:
-        header += f" {'compiled ms':>11} {'x LS':>5} {'speedup':>7} {'compile s':>9}"
+        header += (
+            f" {'compiled ms':>11} {'x LS':>5} {'speedup':>7} {'compile s':>9}"
+            f" {'kernels':>7} {'x LS':>5}"
+        )
     print(header)
     for row, result in results.items():
         line = (
@@ -293,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             line += (
                 f" {result['compiled_wall_ms']:>11.1f} {result['compiled_wall_ratio_to_ls']:>5.2f}"
                 f" {result['speedup']:>7.2f} {result['compile_s']:>9.0f}"
+                f" {result['compiled_kernels']:>7} {result['compiled_kernels_ratio_to_ls']:>5.2f}"
                 + ("" if result["compiled"] else "  (compile failed: eager)")
             )
         print(line)

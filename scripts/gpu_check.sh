@@ -9,8 +9,11 @@
 #   bash scripts/gpu_check.sh --device cpu --steps 5 --no-install   # its Python parts, on a CPU
 #
 # 1. scripts/bench_update.py --compile at paper scale (T = 10, batch 1280, 3x400): per
-#    combiner the eager update's ATen ops and host syncs, graph breaks, the eager and the
-#    captured (CUDA graph) update time, and the projected update time of 2M steps.
+#    combiner the eager update's ATen ops and host syncs, graph breaks, the kernels of the
+#    compiled update (inductor's output code: generated kernels, extern calls, library
+#    linear algebra; each at least one launch of the CUDA-graph replay) and their ratio to
+#    LS's, the compile time, the eager and the captured (CUDA graph) update time, and the
+#    projected GPU hours of 2M captured updates.
 # 2. scripts/bench_train.py at paper scale (MT10, async env workers) for LS, NTKMTL (n = 1
 #    and n = 4) and Nash-MTL with train.compile=true (and LS eager), then steps/s, the
 #    update-time ratio to LS, peak GPU memory and the projected 2M-step wall time
@@ -35,7 +38,7 @@ device=cuda
 steps=200
 install=1
 train=1
-combiners="ls ntkmtl ntkmtl:4 nashmtl cagrad"
+combiners="ls ntkmtl ntkmtl:4 nashmtl fairgrad cagrad aligned_mtl imtlg"
 while [[ $# -gt 0 ]]; do
     case $1 in
         --device) device=$2; shift 2 ;;
@@ -45,7 +48,7 @@ while [[ $# -gt 0 ]]; do
         --combiners) combiners=$2; shift 2 ;;
         --all-combiners) combiners=""; shift ;;
         --compile) shift ;;  # compiled runs are always included now
-        -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "gpu_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -119,10 +122,13 @@ if timeout 1200 "$python" scripts/bench_update.py --compile --device "$device" -
     "$python" - "$update_json" <<'PY'
 import json, sys
 results = json.load(open(sys.argv[1]))
-print(f"{'row':<12} {'ops':>6} {'syncs':>5} {'breaks':>6} {'eager ms':>9} {'captured ms':>11} "
-      f"{'x LS':>5} {'speedup':>7} {'2M updates h':>12}")
+print(f"{'row':<12} {'ops':>6} {'syncs':>5} {'breaks':>6} {'kernels':>7} {'x LS':>5} "
+      f"{'compile s':>9} {'eager ms':>9} {'captured ms':>11} {'x LS':>5} {'speedup':>7} "
+      f"{'2M updates h':>12}")
 for row, r in results.items():
-    print(f"{row:<12} {r['ops']:>6} {r['syncs']:>5} {r['graph_breaks']:>6} {r['wall_ms']:>9.2f} "
+    print(f"{row:<12} {r['ops']:>6} {r['syncs']:>5} {r['graph_breaks']:>6} "
+          f"{r['compiled_kernels']:>7} {r['compiled_kernels_ratio_to_ls']:>5.2f} "
+          f"{r['compile_s']:>9.0f} {r['wall_ms']:>9.2f} "
           f"{r['compiled_wall_ms']:>11.2f} {r['compiled_wall_ratio_to_ls']:>5.2f} "
           f"{r['speedup']:>7.2f} {r['compiled_wall_ms'] * 2e6 / 3.6e6:>12.2f}"
           + ("" if r["compiled"] else "  (compile failed: eager)"))

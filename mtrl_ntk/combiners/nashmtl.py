@@ -20,7 +20,7 @@ class NashMTL(WarmStart, GramianCombiner):
     task: each task's directional derivative g_iᵀd = 1/a_i. We solve these
     equations as the minimum of the strictly convex ½ aᵀ(GGᵀ)a - Σ_i log a_i by
     damped Newton in float64, in variables scaled by the task norms
-    (``solvers.solve_power_balance``): a fixed budget of 40 steps, each with 17
+    (``solvers.solve_power_balance``): a fixed budget of 12 steps, each with 17
     candidate step sizes evaluated at once (no host synchronisation, so it can be
     captured in a CUDA graph), started from the better of the previous solution
     (``state_dict``) and the solution for orthogonal gradients. ``solver_residual``

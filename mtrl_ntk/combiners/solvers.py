@@ -378,14 +378,26 @@ def _bound_multipliers(
 # weights within ~1e3-1e5 of those of orthogonal gradients, where Newton's method still
 # resolves them in float64 (with 1e-10 they reach 1e11 for α = 3 and stall).
 BALANCE_RIDGE = 1e-6
-# Newton steps of ``solve_power_balance`` (each: one Cholesky solve and one batched
+# Newton steps of ``solve_power_balance`` (each: one linear solve and one batched
 # evaluation of the candidate step sizes), and the candidate step sizes 2^-k, k < 16
-# (and 0).
-NEWTON_STEPS = 40
+# (and 0). Every step is unrolled in the compiled update (a few kernels each: the
+# solve and fused code), so each budget is the smallest with which every
+# property test still reaches its tolerance from a cold start: 12 for p >= 1/2 (Nash-MTL,
+# FairGrad α <= 2), 20 below (FairGrad α = 5 on the badly scaled gradients needs 17-20;
+# 16 leaves it short). Warm-started training solves need far fewer
+# (scripts/solver_convergence.py, README "Speed").
+NEWTON_STEPS = 12
+NEWTON_STEPS_SMALL_POWER = 20
 LINE_SEARCH_CANDIDATES = 16
 # A balance solution with a larger relative residual falls back to orthogonal weights.
 BALANCE_FALLBACK_RESIDUAL = 1e-3
 POSITIVITY_FRACTION = 0.99
+
+
+def newton_steps(power: float) -> int:
+    """The fixed Newton budget of ``solve_power_balance`` for the power p (a constant of
+    the graph: p is the combiner's parameter, not data)."""
+    return NEWTON_STEPS if power >= 0.5 else NEWTON_STEPS_SMALL_POWER
 
 
 def _balance_penalty(values: Tensor, power: float) -> Tensor:
@@ -400,6 +412,9 @@ class BalanceSolution:
     weights: Tensor  # [n] w > 0
     residual: Tensor  # 0-d max_i |w_i^p (K w)_i - 1| for the K the solver was given
     failed: Tensor  # 0-d bool: a non-finite answer
+    # [steps + 1] the residual at the start and after each step (for measurements,
+    # e.g. scripts/solver_convergence.py; the compiler drops it when unused).
+    history: Tensor
 
 
 def solve_power_balance(
@@ -415,15 +430,16 @@ def solve_power_balance(
     orthogonal gradients give v_i = 1 (v = u / m, m_i = ‖g_i‖^((p-1)/(p+1))): the
     Newton system C + diag(p v^(-p-1)) is then free of the task norms.
 
-    Fixed budget: ``NEWTON_STEPS`` (40) steps. Each step is limited so that no
-    coordinate loses more than 99% of its value (positivity; a coordinate may need to
-    fall by decades), and instead of a backtracking loop the step sizes α_max 2^-k
-    (k < 16) and 0 are evaluated at once (one batched evaluation); the largest that
-    satisfies Armijo on f, or lowers the residual (near the solution f no longer
-    resolves progress, the residual does), is taken. Once converged, steps become
-    rounding-level moves, so spare steps are harmless. In our tests the hardest cases
-    (α = 5, T = 12 > d, norms spanning 1e7, weights spanning 1e33) need 33-40 steps,
-    the usual ones 4-20. The start is the better (in f, after the optimal rescaling
+    Fixed budget: ``newton_steps(p)`` steps (12 for p >= 1/2, 20 below). Each step is
+    limited so that no coordinate loses more than 99% of its value (positivity; a
+    coordinate may need to fall by decades), and instead of a backtracking loop the step
+    sizes α_max 2^-k (k < 16) and 0 are evaluated at once (one batched evaluation); the
+    largest that satisfies Armijo on f, or lowers the residual (near the solution f no
+    longer resolves progress, the residual does), is taken. Once converged, steps become
+    rounding-level moves, so spare steps are harmless. In our tests the hardest case
+    (FairGrad α = 5, gradients with norms spanning decades) needs 17-20 steps from a
+    cold start, the others at most 12; warm starts on training Gramians need a few
+    (README, "Speed"). The start is the better (in f, after the optimal rescaling
     along its ray) of ``start`` (e.g. the previous solution) and the solution for
     orthogonal gradients w_i = ‖g_i‖^(-2/(1+p)).
     """
@@ -435,8 +451,10 @@ def solve_power_balance(
     absolute = cosines.abs()
 
     def evaluate(points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """f, the residual and C u for positive points [k, n] (one matmul shared)."""
-        products = points @ cosines
+        """f, the residual and C u for positive points [k, n]. The [n, n] products are
+        broadcast sums, which the compiler fuses with the rest (a matmul would be a
+        kernel of its own)."""
+        products = (points.unsqueeze(-1) * cosines).sum(-2)  # [k, n] C u
         scaled = points / m
         value = 0.5 * (products * points).sum(-1) + (
             squared_m * _balance_penalty(scaled, power)
@@ -444,7 +462,7 @@ def solve_power_balance(
         # |v_i^p (C u)_i / m_i - 1| relative to the size of the terms of (C u)_i (at least
         # 1): where they cancel (weights spanning decades) float64 cannot resolve better.
         factor = (scaled if power == 1.0 else scaled**power) / m
-        terms = (factor * (points @ absolute)).clamp_min(1.0)
+        terms = (factor * (points.unsqueeze(-1) * absolute).sum(-2)).clamp_min(1.0)
         residual = ((factor * products - 1.0).abs() / terms).amax(-1)
         return value, residual, products
 
@@ -459,7 +477,7 @@ def solve_power_balance(
         candidates = torch.stack([ones, torch.where(usable, start_v, ones)])
     rays = m * candidates  # [s, n]
     # Best multiple τ of each start: d/dτ f(τ ray) = 0.
-    curvature = ((rays @ cosines) * rays).sum(-1).clamp_min(1e-300)
+    curvature = ((rays.unsqueeze(-1) * cosines).sum(-2) * rays).sum(-1).clamp_min(1e-300)
     tau = ((squared_m * candidates ** (1.0 - power)).sum(-1) / curvature) ** (1.0 / (1.0 + power))
     starts = tau.unsqueeze(1) * rays
     values, residuals, products = evaluate(starts)
@@ -472,17 +490,19 @@ def solve_power_balance(
         0.5 ** torch.arange(LINE_SEARCH_CANDIDATES, dtype=torch.float64, device=device),
         torch.zeros(1, dtype=torch.float64, device=device),
     ])
-    for _ in range(NEWTON_STEPS):
+    history = [current]
+    for _ in range(newton_steps(power)):
         v = u / m
         power_v = v ** (-power)
         gradient = cu - m * power_v
         hessian = cosines + torch.diag(power * power_v / v)
-        # Symmetric Jacobi equilibration keeps the Cholesky solve accurate when v spans decades.
+        # Symmetric Jacobi equilibration keeps the solve accurate when v spans decades. One
+        # library call (LU with partial pivoting, backward stable on this positive definite
+        # system) instead of a Cholesky factorisation and a solve: a kernel less per step.
         equilibrate = hessian.diagonal().rsqrt()
-        factor, info = torch.linalg.cholesky_ex(hessian * torch.outer(equilibrate, equilibrate))
-        step = -equilibrate * torch.cholesky_solve(
-            (equilibrate * gradient).unsqueeze(1), factor
-        ).squeeze(1)
+        equilibrated = hessian * torch.outer(equilibrate, equilibrate)
+        solved, info = torch.linalg.solve_ex(equilibrated, (equilibrate * gradient).unsqueeze(1))
+        step = -equilibrate * solved.squeeze(1)
         step = torch.where((info == 0) & torch.isfinite(step).all(), step, 0.0)
         # Stay positive: no coordinate may lose more than a fraction of its value in one step.
         limit = torch.where(
@@ -492,12 +512,16 @@ def solve_power_balance(
         trials = u + alphas.unsqueeze(1) * step  # [k + 1, n]
         values, residuals, products = evaluate(trials)
         # Armijo on f; near the solution f stops resolving progress, the residual still does.
-        accept = (values <= value + 1e-4 * alphas * (gradient @ step)) | (residuals < current)
+        slope = (gradient * step).sum()
+        accept = (values <= value + 1e-4 * alphas * slope) | (residuals < current)
         first = accept.double().argmax()  # the largest accepted step size (the last: 0)
         u, value, current, cu = pick(first, trials, values, residuals, products)
+        history.append(current)
     weights = u / norms
     failed = ~torch.isfinite(weights).all() | ~torch.isfinite(current)
-    return BalanceSolution(weights=weights, residual=current, failed=failed)
+    return BalanceSolution(
+        weights=weights, residual=current, failed=failed, history=torch.stack(history)
+    )
 
 
 def power_balance_weights(
@@ -530,7 +554,10 @@ def power_balance_weights(
     hull_cosines = scaled.cosines + 1e6 * dummy + RIDGE * eye
     ones = torch.ones(size, dtype=torch.float64, device=device)
     closest = simplex_problem(hull_cosines, torch.zeros_like(ones), ones).point
-    hull_distance_squared = (closest @ (scaled.cosines + 1e6 * dummy) @ closest).clamp_min(0.0)
+    # Products of [T] vectors and [T, T] matrices as broadcast sums here: they fuse with
+    # the element-wise code around them (a matmul is a kernel of its own).
+    unridged = scaled.cosines + 1e6 * dummy
+    hull_distance_squared = (closest.unsqueeze(1) * unridged * closest).sum().clamp_min(0.0)
     use_ridge = hull_distance_squared <= BALANCE_RIDGE
     ridge = torch.where(use_ridge, BALANCE_RIDGE, 0.0)
     cosines = scaled.cosines + dummy + ridge * eye
@@ -540,7 +567,7 @@ def power_balance_weights(
     orthogonal = norms ** (-2.0 / (1.0 + power))
     weights = torch.where(failed, orthogonal, torch.nan_to_num(solution.weights))
     weights = torch.where(live, weights, 0.0)
-    exact = torch.where(live, weights**power * (gramian @ weights) - 1.0, 0.0)
+    exact = torch.where(live, weights**power * (gramian * weights).sum(1) - 1.0, 0.0)
     diagnostics = {
         "zero_gradient_tasks": scaled.zero,
         "ridge": ridge,
@@ -554,14 +581,26 @@ def power_balance_weights(
 
 # --- Jacobi eigenvalue methods (instead of eigh/svd, which check info on the host) --------
 
-_ROUNDS: dict[tuple[int, str], list[Tensor]] = {}
+@dataclass(frozen=True)
+class JacobiRound:
+    """One round of disjoint pairs (p, q), p < q, as per-index [size] int64 tensors, so that
+    a round's rotations are gathers and pointwise products (no rotation matrix, no matmul):
+    index i is paired with ``partner[i]`` (itself if unpaired: odd size), ``low[i]`` and
+    ``high[i]`` are its pair's p and q, and ``sign[i]`` is -1 for p, +1 for q, 0 unpaired."""
+
+    partner: Tensor  # [size]
+    low: Tensor  # [size]
+    high: Tensor  # [size]
+    sign: Tensor  # [size] float64
 
 
-def jacobi_rounds(size: int, device: torch.device) -> list[Tensor]:
+_ROUNDS: dict[tuple[int, str], list[JacobiRound]] = {}
+
+
+def jacobi_rounds(size: int, device: torch.device) -> list[JacobiRound]:
     """One cyclic sweep as size - 1 (even size) or size (odd) rounds of disjoint pairs
-    (p, q) (round-robin / circle method), each given by the flat indices of the
-    (p,p), (q,q), (p,q), (q,p) entries of a [size, size] matrix. Cached per size and
-    device (Python constants of the graph: they depend on T only)."""
+    (p, q) (round-robin / circle method). Cached per size and device (constants of the
+    graph: they depend on T only)."""
     key = (size, str(device))
     if key not in _ROUNDS:
         players = list(range(size + size % 2))  # a dummy player (= size) for odd size
@@ -570,43 +609,53 @@ def jacobi_rounds(size: int, device: torch.device) -> list[Tensor]:
         for _ in range(count - 1):
             pairs = [(players[i], players[count - 1 - i]) for i in range(count // 2)]
             pairs = [(min(a, b), max(a, b)) for a, b in pairs if size not in (a, b)]
-            p = torch.tensor([a for a, _ in pairs], device=device)
-            q = torch.tensor([b for _, b in pairs], device=device)
-            # Flat indices of the (p,p), (q,q), (p,q) and (q,p) entries of a [size, size]
-            # matrix: the first three read a round's entries, all four place its rotations.
-            flat = torch.cat([p * size + p, q * size + q, p * size + q, q * size + p])
+            partner, low, high = list(range(size)), list(range(size)), list(range(size))
+            sign = [0.0] * size
+            for p, q in pairs:
+                partner[p], partner[q] = q, p
+                low[p] = low[q] = p
+                high[p] = high[q] = q
+                sign[p], sign[q] = -1.0, 1.0
             if pairs:
-                rounds.append(flat)
+                rounds.append(JacobiRound(
+                    partner=torch.tensor(partner, device=device),
+                    low=torch.tensor(low, device=device),
+                    high=torch.tensor(high, device=device),
+                    sign=torch.tensor(sign, dtype=torch.float64, device=device),
+                ))
             players = [players[0], players[-1], *players[1:-1]]
         _ROUNDS[key] = rounds
     return _ROUNDS[key]
 
 
-def _rotation(matrix: Tensor, flat: Tensor, size: int) -> Tensor:
-    """The [size, size] product J of the Jacobi rotations that zero every a_pq of a round
-    of the symmetric ``matrix`` (Golub & Van Loan, Alg. 8.5.1: JᵀAJ has (JᵀAJ)_pq = 0).
+def _rotation_coefficients(
+    app: Tensor, aqq: Tensor, apq: Tensor, round_: JacobiRound
+) -> tuple[Tensor, Tensor]:
+    """The round's rotation J (Golub & Van Loan, Alg. 8.5.1: JᵀAJ has (JᵀAJ)_pq = 0) as
+    per-index coefficients [size]: column j of A J is cos_j A[:, j] + sin_j A[:, partner j].
+    ``app``, ``aqq``, ``apq`` [size] are a_pp, a_qq, a_pq of each index's pair.
 
     tan 2θ = 2 a_pq / (a_qq - a_pp), with the inner angle |θ| <= π/4 (as sym.schur2's
     smaller root t = tan θ): θ = ½ atan2(2 a_pq sign(d), |d|), d = a_qq - a_pp; θ = 0
-    (no rotation) when a_pq = 0."""
-    pairs = flat.shape[0] // 4
-    app, aqq, apq = matrix.flatten().index_select(0, flat[: 3 * pairs]).view(3, pairs)
+    (no rotation) when a_pq = 0. J_pp = J_qq = cos θ, J_pq = sin θ, J_qp = -sin θ."""
     difference = aqq - app
     twice = 2.0 * apq
     angle = 0.5 * torch.atan2(torch.where(difference >= 0, twice, -twice), difference.abs())
-    c, s = torch.cos(angle), torch.sin(angle)
-    eye = _flat_identity(size, matrix.device)
-    return eye.scatter(0, flat, torch.cat([c, c, s, -s])).view(size, size)
+    paired = round_.sign != 0
+    cosine = torch.where(paired, torch.cos(angle), 1.0)
+    sine = torch.where(paired, round_.sign * torch.sin(angle), 0.0)
+    return cosine, sine
 
 
-_IDENTITIES: dict[tuple[int, str], Tensor] = {}
+def _rotate_columns(matrix: Tensor, cosine: Tensor, sine: Tensor, partner: Tensor) -> Tensor:
+    """matrix [m, size] times a round's rotation J, by gathers: (M J)[:, j] =
+    cos_j M[:, j] + sin_j M[:, partner j]."""
+    return cosine * matrix + sine * matrix.index_select(1, partner)
 
 
-def _flat_identity(size: int, device: torch.device) -> Tensor:
-    key = (size, str(device))
-    if key not in _IDENTITIES:
-        _IDENTITIES[key] = torch.eye(size, dtype=torch.float64, device=device).flatten()
-    return _IDENTITIES[key]
+def _diagonal_entries(matrix: Tensor, rows: Tensor, columns: Tensor) -> Tensor:
+    size = matrix.shape[1]
+    return matrix.flatten().index_select(0, rows * size + columns)
 
 
 def jacobi_sweeps(size: int) -> int:
@@ -620,17 +669,27 @@ def jacobi_sweeps(size: int) -> int:
 
 def jacobi_eigh(matrix: Tensor, sweeps: int) -> tuple[Tensor, Tensor]:
     """Eigenvalues [n] (unsorted) and eigenvectors [n, n] (columns) of a symmetric matrix by
-    ``sweeps`` cyclic Jacobi sweeps in parallel (round-robin) order: each round is one
-    rotation matrix and three [n, n] matmuls. Cyclic Jacobi converges quadratically
-    (``jacobi_sweeps`` gives a budget that reaches float64 resolution in our tests).
-    Absolute accuracy ~eps ‖A‖, as eigh."""
+    ``sweeps`` cyclic Jacobi sweeps in parallel (round-robin) order: each round applies
+    its disjoint rotations JᵀAJ and V J by gathers and products (``_rotate_columns``;
+    one fused kernel per round when compiled, no matmul). Cyclic Jacobi converges
+    quadratically (``jacobi_sweeps`` gives a budget that reaches float64 resolution in
+    our tests). Absolute accuracy ~eps ‖A‖, as eigh."""
     size = matrix.shape[0]
     vectors = torch.eye(size, dtype=torch.float64, device=matrix.device)
     for _ in range(sweeps):
-        for flat in jacobi_rounds(size, matrix.device):
-            rotation = _rotation(matrix, flat, size)
-            matrix = rotation.T @ matrix @ rotation
-            vectors = vectors @ rotation
+        for round_ in jacobi_rounds(size, matrix.device):
+            cosine, sine = _rotation_coefficients(
+                _diagonal_entries(matrix, round_.low, round_.low),
+                _diagonal_entries(matrix, round_.high, round_.high),
+                _diagonal_entries(matrix, round_.low, round_.high),
+                round_,
+            )
+            columns = _rotate_columns(matrix, cosine, sine, round_.partner)  # A J
+            # Jᵀ (A J): the same combination of rows.
+            matrix = cosine.unsqueeze(1) * columns + sine.unsqueeze(1) * columns.index_select(
+                0, round_.partner
+            )
+            vectors = _rotate_columns(vectors, cosine, sine, round_.partner)
     return matrix.diagonal(), vectors
 
 
@@ -645,12 +704,15 @@ def jacobi_column_orthogonalise(factor: Tensor, sweeps: int) -> tuple[Tensor, Te
     size = factor.shape[1]
     rotations = torch.eye(size, dtype=torch.float64, device=factor.device)
     for _ in range(sweeps):
-        for flat in jacobi_rounds(size, factor.device):
-            # The round's column inner products (one [n, n] matmul: each entry is the
-            # same dot product of two current columns).
-            rotation = _rotation(factor.T @ factor, flat, size)
-            factor = factor @ rotation
-            rotations = rotations @ rotation
+        for round_ in jacobi_rounds(size, factor.device):
+            # The round's column inner products x_pᵀx_p, x_qᵀx_q, x_pᵀx_q, per index.
+            low = factor.index_select(1, round_.low)
+            high = factor.index_select(1, round_.high)
+            cosine, sine = _rotation_coefficients(
+                (low * low).sum(0), (high * high).sum(0), (low * high).sum(0), round_
+            )
+            factor = _rotate_columns(factor, cosine, sine, round_.partner)
+            rotations = _rotate_columns(rotations, cosine, sine, round_.partner)
     return factor, rotations
 
 
